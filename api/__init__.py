@@ -1,0 +1,32 @@
+"""The Flask API: validation, durable storage, enqueueing and reads. Nothing heavy runs here."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from api.errors import register_error_handlers
+from api.extensions import service
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024  # text fields; files spool to disk
+    app.json.sort_keys = False
+    service.init_app(app, settings)
+    register_error_handlers(app)
+
+    from api.health import bp as health_bp
+    from api.images import bp as images_bp
+    from api.jobs import bp as jobs_bp
+
+    app.register_blueprint(health_bp)
+    app.register_blueprint(jobs_bp, url_prefix="/v1/jobs")
+    app.register_blueprint(images_bp, url_prefix="/v1/images")
+    return app

@@ -1,0 +1,26 @@
+"""``/v1/images/{id}``: one image's status and result."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import select
+
+from api.errors import APIError
+from api.extensions import service
+from api.queries import image_dict, parse_id
+from shared.models import Image, Result
+
+bp = Blueprint("images", __name__)
+
+
+@bp.get("/<image_id>")
+def get_image(image_id: str) -> Response:
+    with service.state.sessions() as session:
+        row = session.execute(
+            select(Image, Result)
+            .outerjoin(Result, Result.image_id == Image.id)
+            .where(Image.id == parse_id(image_id, "image"))
+        ).first()
+        if row is None:
+            raise APIError(404, "image_not_found", f"no image with id {image_id!r}")
+        return jsonify(image_dict(row[0], row[1], with_job=True))

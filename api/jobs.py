@@ -1,0 +1,179 @@
+"""``/v1/jobs``: bulk submission, polling, CSV export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import APIError
+from api.extensions import service
+from api.queries import DEFAULT_PER_PAGE, image_dict, image_page, int_arg, job_summary, parse_id
+from api.uploads import collect_uploads
+from shared.imaging import ImageError, check_header
+from shared.models import Chunk, Image, ImageStatus, Job, Result, new_id
+from shared.queue import enqueue_chunks
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__)
+
+MAX_CLIENT_REF = 500
+
+
+@bp.post("")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    state = service.state
+    settings = state.settings
+    if state.model is None:
+        raise APIError(503, "model_unavailable", "the model is not available; see /readyz")
+    if request.mimetype != "multipart/form-data":
+        raise APIError(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data with the images in the field 'files'",
+        )
+    client_ref = request.form.get("client_ref")
+    if client_ref is not None and len(client_ref) > MAX_CLIENT_REF:
+        raise APIError(400, "invalid_parameter", f"client_ref is longer than {MAX_CLIENT_REF}")
+    uploads = collect_uploads(request.files.getlist("files"), settings)
+
+    job = Job(
+        id=new_id(),
+        client_ref=client_ref,
+        model_version=state.model.version,
+        image_count=len(uploads),
+    )
+    images: list[Image] = []
+    valid: list[Image] = []
+    for position, upload in enumerate(uploads):
+        image = Image(
+            id=new_id(),
+            job_id=job.id,
+            position=position,
+            filename=upload.filename,
+            blob_key=state.blobs.put(upload.data),  # durable before we answer
+            size_bytes=len(upload.data),
+            status=ImageStatus.QUEUED,
+        )
+        try:
+            check_header(upload.data, settings.max_image_pixels)
+            valid.append(image)
+        except ImageError as exc:  # refused at the door: recorded, never enqueued
+            image.status = ImageStatus.FAILED
+            image.error_code, image.error_message = exc.code, exc.message
+        images.append(image)
+
+    chunks = [
+        Chunk(id=new_id(), job_id=job.id)
+        for _ in range(math.ceil(len(valid) / settings.chunk_size))
+    ]
+    for n, image in enumerate(valid):
+        image.chunk_id = chunks[n // settings.chunk_size].id
+    with state.sessions.begin() as session:
+        session.add(job)
+        session.flush()
+        session.add_all(chunks)
+        session.flush()
+        session.add_all(images)
+    # Only after the commit: a worker must never see a chunk that is not in the database.
+    enqueue_chunks(state.celery, state.sessions, [c.id for c in chunks])
+    log.info("job %s accepted: %d images, %d chunks", job.id, len(images), len(chunks))
+
+    with state.sessions() as session:
+        body = job_summary(session, job)
+    body["images"] = [image_dict(image, None) for image in images]
+    return jsonify(body), 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
+
+
+def _load_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, parse_id(job_id, "job"))
+    if job is None:
+        raise APIError(404, "job_not_found", f"no job with id {job_id!r}")
+    return job
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str) -> Response:
+    state = service.state
+    page = int_arg("page", 1, 1, 10**9)
+    per_page = int_arg("per_page", DEFAULT_PER_PAGE, 1, state.settings.max_per_page)
+    status = request.args.get("status") or None
+    if status is not None and status not in ImageStatus.ALL:
+        raise APIError(
+            400, "invalid_parameter", f"status must be one of {', '.join(ImageStatus.ALL)}"
+        )
+    with state.sessions() as session:
+        job = _load_job(session, job_id)
+        body = job_summary(session, job)
+        items, total = image_page(session, job.id, page, per_page, status)
+    body["images"] = items
+    body["pagination"] = {
+        "page": page,
+        "per_page": per_page,
+        "total": total,
+        "pages": math.ceil(total / per_page) if total else 0,
+    }
+    return jsonify(body)
+
+
+CSV_COLUMNS = (
+    "image_id",
+    "filename",
+    "status",
+    "probability",
+    "label",
+    "error_code",
+    "error_message",
+    "model_version",
+)
+
+
+@bp.get("/<job_id>/results.csv")
+def results_csv(job_id: str) -> Response:
+    state = service.state
+    with state.sessions() as session:
+        job_id = _load_job(session, job_id).id
+
+    def rows() -> Iterator[str]:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(CSV_COLUMNS)
+        with state.sessions() as session:
+            query = (
+                select(Image, Result)
+                .outerjoin(Result, Result.image_id == Image.id)
+                .where(Image.job_id == job_id)
+                .order_by(Image.position)
+                .execution_options(yield_per=500)
+            )
+            for n, (image, result) in enumerate(session.execute(query)):
+                writer.writerow(
+                    (
+                        image.id,
+                        image.filename,
+                        image.status,
+                        "" if result is None else f"{result.probability:.6f}",
+                        "" if result is None else result.label,
+                        image.error_code or "",
+                        image.error_message or "",
+                        "" if result is None else result.model_version,
+                    )
+                )
+                if n % 500 == 0:
+                    yield buf.getvalue()
+                    buf.seek(0)
+                    buf.truncate()
+        yield buf.getvalue()
+
+    return Response(
+        stream_with_context(rows()),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'},
+    )

@@ -1,0 +1,128 @@
+"""Reads shared by the job and image endpoints."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from flask import request
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.errors import APIError
+from shared.db import as_utc
+from shared.models import Image, ImageStatus, Job, JobStatus, Result
+
+DEFAULT_PER_PAGE = 100
+
+
+def parse_id(value: str, what: str) -> str:
+    """Ids are UUIDs; anything else cannot name a resource, so it is a 404 as well."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError):
+        raise APIError(404, f"{what}_not_found", f"no {what} with id {value[:64]!r}") from None
+
+
+def int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise APIError(400, "invalid_parameter", f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise APIError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    value = as_utc(value)
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def image_dict(image: Image, result: Result | None, with_job: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": image.id,
+        "filename": image.filename,
+        "status": image.status,
+        "probability": result.probability if result else None,
+        "label": result.label if result else None,
+        "error": (
+            {"code": image.error_code, "message": image.error_message}
+            if image.status == ImageStatus.FAILED
+            else None
+        ),
+    }
+    if with_job:
+        out.update(
+            job_id=image.job_id,
+            model_version=result.model_version if result else None,
+            attempts=image.attempts,
+            created_at=iso(image.created_at),
+            finished_at=iso(image.finished_at),
+        )
+    return out
+
+
+def job_summary(session: Session, job: Job) -> dict[str, Any]:
+    rows = session.execute(
+        select(
+            Image.status,
+            func.count(),
+            func.min(Image.started_at),
+            func.max(Image.finished_at),
+        )
+        .where(Image.job_id == job.id)
+        .group_by(Image.status)
+    ).all()
+    counts = dict.fromkeys(ImageStatus.ALL, 0)
+    started: list[dt.datetime] = []
+    finished: list[dt.datetime] = []
+    for status, count, first_start, last_finish in rows:
+        counts[status] = count
+        if first_start:
+            started.append(as_utc(first_start))  # type: ignore[arg-type]
+        if last_finish:
+            finished.append(as_utc(last_finish))  # type: ignore[arg-type]
+    status = JobStatus.from_counts(counts)
+    total = sum(counts.values())
+    terminal = counts[ImageStatus.COMPLETED] + counts[ImageStatus.FAILED]
+    done = status in (JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED)
+    return {
+        "id": job.id,
+        "status": status,
+        "client_ref": job.client_ref,
+        "model_version": job.model_version,
+        "image_count": total,
+        "counts": counts,
+        "progress": round(terminal / total, 4) if total else 1.0,
+        "created_at": iso(job.created_at),
+        "started_at": iso(min(started)) if started else None,
+        "completed_at": iso(max(finished)) if done and finished else None,
+        "links": {
+            "self": f"/v1/jobs/{job.id}",
+            "results_csv": f"/v1/jobs/{job.id}/results.csv",
+        },
+    }
+
+
+def image_page(
+    session: Session, job_id: str, page: int, per_page: int, status: str | None
+) -> tuple[list[dict[str, Any]], int]:
+    query = (
+        select(Image, Result)
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(Image.job_id == job_id)
+    )
+    count_query = select(func.count()).select_from(Image).where(Image.job_id == job_id)
+    if status:
+        query = query.where(Image.status == status)
+        count_query = count_query.where(Image.status == status)
+    total = session.scalar(count_query) or 0
+    rows = session.execute(
+        query.order_by(Image.position).offset((page - 1) * per_page).limit(per_page)
+    ).all()
+    return [image_dict(image, result) for image, result in rows], total

@@ -1,0 +1,170 @@
+"""Client commands: ``submit``, ``wait``, ``results``.  Talk HTTP only; no TensorFlow here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+TERMINAL = {"completed", "completed_with_errors", "failed"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip"}
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--url", default=None, help="server (default CXR_URL or http://127.0.0.1:8000)"
+        )
+
+    p = sub.add_parser("submit", help="submit files, folders or zips as one job; prints its id")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--client-ref", default=None)
+    common(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("wait", help="poll a job until it is done, then print its results")
+    p.add_argument("job_id")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=0, help="seconds; 0 waits forever")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no results table")
+    common(p)
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("results", help="print a job's per-image results")
+    p.add_argument("job_id")
+    p.add_argument("--csv", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_results)
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+def base_url(args: argparse.Namespace) -> str:
+    return (args.url or os.environ.get("CXR_URL") or "http://127.0.0.1:8000").rstrip("/")
+
+
+def _check(resp: requests.Response) -> requests.Response:
+    if resp.status_code >= 400:
+        try:
+            err = resp.json()["error"]
+            raise ClientError(f"{resp.status_code} {err['code']}: {err['message']}")
+        except (ValueError, KeyError, TypeError):
+            raise ClientError(f"{resp.status_code}: {resp.text[:200]}") from None
+    return resp
+
+
+def collect_paths(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ClientError(f"{path}: no such file or folder")
+    if not files:
+        raise ClientError("no image files found")
+    return files
+
+
+def submit(url: str, files: list[Path], client_ref: str | None = None) -> dict[str, Any]:
+    handles = [open(f, "rb") for f in files]  # noqa: SIM115 - closed below
+    try:
+        parts = [
+            ("files", (f.name, h, "application/octet-stream"))
+            for f, h in zip(files, handles, strict=True)
+        ]
+        data = {"client_ref": client_ref} if client_ref else None
+        resp = requests.post(f"{url}/v1/jobs", files=parts, data=data, timeout=600)
+    finally:
+        for h in handles:
+            h.close()
+    return _check(resp).json()
+
+
+def get_job(url: str, job_id: str, page: int = 1, per_page: int = 1) -> dict[str, Any]:
+    resp = requests.get(
+        f"{url}/v1/jobs/{job_id}", params={"page": page, "per_page": per_page}, timeout=60
+    )
+    return _check(resp).json()
+
+
+def all_images(url: str, job_id: str) -> list[dict[str, Any]]:
+    images: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        body = get_job(url, job_id, page=page, per_page=500)
+        images.extend(body["images"])
+        if page >= body["pagination"]["pages"]:
+            return images
+        page += 1
+
+
+def format_table(images: list[dict[str, Any]]) -> str:
+    width = max([8, *(len(i["filename"]) for i in images)])
+    width = min(width, 60)
+    lines = [f"{'filename':{width}}  {'status':9}  {'prob':>6}  {'label':9}  error"]
+    for i in images:
+        prob = "" if i["probability"] is None else f"{i['probability']:.3f}"
+        err = f"{i['error']['code']}: {i['error']['message']}" if i["error"] else ""
+        name, label = i["filename"][:width], i["label"] or ""
+        lines.append(f"{name:{width}}  {i['status']:9}  {prob:>6}  {label:9}  {err}")
+    return "\n".join(lines)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    body = submit(base_url(args), collect_paths(args.paths), args.client_ref)
+    print(body["id"])
+    print(f"{body['image_count']} image(s) accepted", file=sys.stderr)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    url = base_url(args)
+    started = time.monotonic()
+    body = get_job(url, args.job_id)
+    bar = None if args.quiet else tqdm(total=body["image_count"], unit="img", desc=body["status"])
+    try:
+        while True:
+            done = body["counts"]["completed"] + body["counts"]["failed"]
+            if bar is not None:
+                bar.set_description(body["status"])
+                bar.update(done - bar.n)
+            if body["status"] in TERMINAL:
+                break
+            if args.timeout and time.monotonic() - started > args.timeout:
+                print(f"timed out; job is {body['status']}", file=sys.stderr)
+                return 1
+            time.sleep(args.interval)
+            body = get_job(url, args.job_id)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        print(format_table(all_images(url, args.job_id)))
+    c = body["counts"]
+    print(f"job {args.job_id}: {body['status']} ({c['completed']} completed, {c['failed']} failed)")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    url = base_url(args)
+    if args.csv:
+        resp = _check(requests.get(f"{url}/v1/jobs/{args.job_id}/results.csv", timeout=300))
+        sys.stdout.write(resp.text)
+        return 0
+    print(format_table(all_images(url, args.job_id)))
+    return 0

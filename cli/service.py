@@ -1,0 +1,199 @@
+"""Service commands: ``serve`` (everything on one machine), ``api``, ``worker``, ``sweeper``,
+``db upgrade``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from shared.settings import get_settings
+
+log = logging.getLogger("cxr.serve")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run Redis, the migration, a worker, the sweeper and the API")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("api", help="run the HTTP API (gunicorn)")
+    p.add_argument("--dev", action="store_true", help="Flask's development server instead")
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument(
+        "--concurrency", type=int, help="pool processes (default CXR_WORKER_CONCURRENCY)"
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sweeper", help="re-enqueue stranded chunks, periodically")
+    p.add_argument("--once", action="store_true")
+    p.set_defaults(func=cmd_sweeper)
+
+    p = sub.add_parser("db", help="database migrations")
+    p.add_argument("action", choices=("upgrade", "current"))
+    p.set_defaults(func=cmd_db)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from alembic import command
+
+    from shared.migrate import alembic_config, upgrade
+
+    settings = get_settings()
+    if args.action == "upgrade":
+        upgrade(settings.sqlalchemy_url)
+        print("database is at the latest revision")
+    else:
+        command.current(alembic_config(settings.sqlalchemy_url))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if args.dev:
+        from api import create_app
+
+        create_app(settings).run(host=settings.host, port=settings.port, threaded=True)
+        return 0
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{settings.host}:{settings.port}",
+        "--workers",
+        str(settings.api_workers),
+        "--timeout",
+        "300",
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss',  # no query strings
+        "api.wsgi:app",
+    ]
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def worker_argv(concurrency: int, loglevel: str) -> list[str]:
+    """``--pool solo`` for one process (TensorFlow never meets a fork); prefork otherwise,
+    the model loaded in each child by ``worker_process_init``."""
+    pool = "solo" if concurrency == 1 else "prefork"
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        "-Q",
+        "cxr",
+        "--without-gossip",
+        "--without-mingle",
+        "-n",
+        f"cxr-worker-{os.getpid()}@%h",
+    ]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    argv = worker_argv(args.concurrency or settings.worker_concurrency, settings.log_level)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def cmd_sweeper(args: argparse.Namespace) -> int:
+    from worker.sweeper import run_forever, sweep
+
+    settings = get_settings()
+    if args.once:
+        from shared.db import make_engine, make_session_factory
+        from shared.queue import make_celery
+
+        sent = sweep(
+            make_celery(settings),
+            make_session_factory(make_engine(settings.sqlalchemy_url)),
+            settings,
+        )
+        print(f"re-enqueued {sent} chunk(s)")
+        return 0
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    run_forever(settings, stop=lambda: stopping)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """One machine, no set-up: everything as child processes, stopped together on Ctrl-C."""
+    from shared.migrate import upgrade
+    from shared.model_store import read_model_info
+    from shared.redis_server import RedisServer
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    info = read_model_info(settings.model_path)  # fail now, not in the first task
+    env = dict(os.environ)
+    env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
+    redis = None
+    if not os.environ.get("CXR_REDIS_URL"):
+        redis = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
+        env["CXR_REDIS_URL"] = redis.url
+    upgrade(settings.sqlalchemy_url)
+    me = [sys.executable, "-m", "cli.main"]
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        for n in range(args.workers):
+            children.append((f"worker-{n + 1}", subprocess.Popen([*me, "worker"], env=env)))
+        children.append(("sweeper", subprocess.Popen([*me, "sweeper"], env=env)))
+        children.append(("api", subprocess.Popen([*me, "api"], env=env)))
+        print(
+            f"cxr-screen running: API http://{settings.host}:{settings.port}  "
+            f"model {info.version}  data {settings.data_dir.resolve()}  "
+            f"redis {env['CXR_REDIS_URL']}  (Ctrl-C stops everything)",
+            flush=True,
+        )
+        while not stopping:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    log.error("%s exited with %s; stopping everything", name, proc.returncode)
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        for _name, proc in reversed(children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _name, proc in children:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if redis:
+            redis.stop()
+        print("cxr-screen stopped", flush=True)
+    return 0

@@ -1,0 +1,1 @@
+"""Training and evaluation of the screening model (TensorFlow is imported lazily)."""

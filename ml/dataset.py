@@ -1,0 +1,147 @@
+"""Labelled image folders: manifest/labels CSVs, patient-level splits, image loading."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.imaging import ImageError, PreprocessConfig, preprocess
+
+log = logging.getLogger(__name__)
+
+LABELS = {"covid": 1, "non-covid": 0}
+ADULT_SOURCES = ("ieee8023", "actualmed")
+
+
+class LabelsFileError(ValueError):
+    """The labels/manifest CSV is missing required columns or holds unknown labels."""
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str
+    label: int
+    source: str = ""
+    patient: str = ""
+
+    @property
+    def group(self) -> str:
+        """The bootstrap/split unit: the patient where known, else the file itself."""
+        return self.patient or f"file:{self.file}"
+
+
+@dataclass
+class LoadedSet:
+    records: list[Record]
+    x: np.ndarray  # (n, 224, 224, 3) float32
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file, error code)
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], np.int32)
+
+
+def read_labels(csv_path: Path) -> list[Record]:
+    """Rows of a CSV with columns ``file,label`` and optional ``source``, ``patient``."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"file", "label"} <= cols:
+            raise LabelsFileError(
+                f"{csv_path} needs columns 'file' and 'label', has {sorted(cols)}"
+            )
+        records = []
+        for line, row in enumerate(reader, start=2):
+            label = (row.get("label") or "").strip().lower()
+            if label not in LABELS:
+                raise LabelsFileError(
+                    f"{csv_path}:{line}: label {label!r} is not 'covid' or 'non-covid'"
+                )
+            records.append(
+                Record(
+                    file=row["file"].strip(),
+                    label=LABELS[label],
+                    source=(row.get("source") or "").strip(),
+                    patient=(row.get("patient") or "").strip(),
+                )
+            )
+    return records
+
+
+def fingerprint(folder: Path, records: list[Record]) -> str:
+    """sha256 over the sorted (file, label, sha256 of bytes): identifies the training data."""
+    digest = hashlib.sha256()
+    for r in sorted(records, key=lambda r: r.file):
+        path = folder / r.file
+        content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        digest.update(f"{r.file}\t{r.label}\t{content}\n".encode())
+    return digest.hexdigest()
+
+
+def patient_split(
+    records: list[Record], val_fraction: float = 0.2, seed: int = 42
+) -> tuple[list[Record], list[Record]]:
+    """Split by patient, stratified by (source, label): no patient on both sides.
+
+    Within each stratum, patients are shuffled with ``seed`` and taken into validation until
+    the stratum's share of validation images reaches ``val_fraction``.
+    """
+    by_patient: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_patient[r.group].append(r)
+    strata: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for patient, recs in sorted(by_patient.items()):
+        majority = round(sum(r.label for r in recs) / len(recs))
+        strata[(recs[0].source, majority)].append(patient)
+    rng = random.Random(seed)
+    val_patients: set[str] = set()
+    for key in sorted(strata):
+        patients = strata[key]
+        rng.shuffle(patients)
+        total = sum(len(by_patient[p]) for p in patients)
+        taken = 0
+        for patient in patients:
+            if taken >= val_fraction * total:
+                break
+            val_patients.add(patient)
+            taken += len(by_patient[patient])
+    train = [r for r in records if r.group not in val_patients]
+    val = [r for r in records if r.group in val_patients]
+    return train, val
+
+
+def load_images(
+    folder: Path,
+    records: list[Record],
+    config: PreprocessConfig,
+    max_pixels: int,
+    progress: bool = False,
+) -> LoadedSet:
+    """Preprocess every listed file; unreadable ones are reported, not fatal."""
+    kept: list[Record] = []
+    arrays: list[np.ndarray] = []
+    unreadable: list[tuple[str, str]] = []
+    iterator = records
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(records, desc="loading images", unit="img")
+    for r in iterator:
+        path = folder / r.file
+        try:
+            data = path.read_bytes()
+            arrays.append(preprocess(data, config, max_pixels))
+            kept.append(r)
+        except ImageError as exc:
+            unreadable.append((r.file, exc.code))
+        except OSError:
+            unreadable.append((r.file, "unreadable_file"))
+    x = np.stack(arrays) if arrays else np.zeros((0, 224, 224, 3), np.float32)
+    return LoadedSet(kept, x, unreadable)

@@ -1,0 +1,128 @@
+"""``cxr evaluate``: a model's metrics on any labelled folder of original images.
+
+Files it cannot read are reported and counted, not fatal.  Intervals are 95% percentile
+bootstraps, resampled by patient where the labels give one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ml.dataset import load_images, read_labels
+from ml.metrics import metric_block, roc_curve
+from shared.model_store import Classifier
+
+METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc")
+
+
+def evaluate_folder(
+    images: Path,
+    labels: Path,
+    model_path: Path,
+    roc_path: Path | None = None,
+    max_pixels: int = 50_000_000,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    classifier = Classifier.load(model_path)
+    threshold = classifier.info.threshold
+    records = read_labels(labels)
+    loaded = load_images(images, records, classifier.info.preprocess, max_pixels)
+    probs = classifier.predict(loaded.x) if len(loaded.records) else np.zeros(0)
+    y = loaded.y
+    groups = [r.group for r in loaded.records]
+    report: dict[str, Any] = {
+        "n": len(y),
+        "n_listed": len(records),
+        "unreadable": [{"file": f, "error": code} for f, code in loaded.unreadable],
+        "threshold": threshold,
+        "model_version": classifier.info.version,
+    }
+    overall = metric_block(y, probs, groups, threshold, n_boot)
+    for name in METRIC_NAMES:
+        report[name] = overall[name]
+    report["confusion"] = overall["confusion"]
+    sources = np.array([r.source for r in loaded.records])
+    report["by_source"] = {}
+    for source in sorted({s for s in sources if s}):
+        idx = np.flatnonzero(sources == source)
+        report["by_source"][source] = metric_block(
+            y[idx], probs[idx], [groups[i] for i in idx], threshold, n_boot
+        )
+    report["predictions"] = [
+        {"file": r.file, "label": int(r.label), "probability": round(float(p), 6)}
+        for r, p in zip(loaded.records, probs, strict=True)
+    ]
+    if roc_path is not None:
+        draw_roc(y, probs, overall["auc"]["value"], roc_path, classifier.info.version)
+        report["roc_png"] = str(roc_path)
+    return report
+
+
+def draw_roc(y: np.ndarray, p: np.ndarray, auc: float | None, path: Path, title: str) -> None:
+    """A plain ROC curve PNG drawn with OpenCV (no plotting library needed)."""
+    size, margin = 520, 60
+    canvas = np.full((size, size, 3), 255, np.uint8)
+    x0, y0, x1, y1 = margin, size - margin, size - 20, 20
+    cv2.rectangle(canvas, (x0, y1), (x1, y0), (0, 0, 0), 1)
+    cv2.line(canvas, (x0, y0), (x1, y1), (180, 180, 180), 1, cv2.LINE_AA)
+    for t in np.linspace(0, 1, 6):
+        px = int(x0 + t * (x1 - x0))
+        py = int(y0 - t * (y0 - y1))
+        cv2.putText(
+            canvas, f"{t:.1f}", (px - 12, y0 + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1
+        )
+        cv2.putText(
+            canvas, f"{t:.1f}", (x0 - 32, py + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1
+        )
+    cv2.putText(
+        canvas,
+        "false positive rate",
+        (size // 2 - 70, size - 15),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        0.5,
+        (0, 0, 0),
+        1,
+    )
+    cv2.putText(canvas, "TPR", (8, size // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    if len(set(np.asarray(y).tolist())) == 2:
+        fpr, tpr = roc_curve(y, p)
+        pts = np.stack([x0 + fpr * (x1 - x0), y0 - tpr * (y0 - y1)], axis=1).astype(np.int32)
+        cv2.polylines(canvas, [pts], False, (200, 80, 0), 2, cv2.LINE_AA)
+    label = f"AUC {auc:.3f}" if auc is not None else "AUC undefined (one class)"
+    cv2.putText(canvas, label, (x0 + 200, y0 - 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (200, 80, 0), 2)
+    cv2.putText(canvas, title[:60], (x0, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f"cannot write {path}")
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    lines = [
+        f"model {report['model_version']}  threshold {report['threshold']}",
+        f"images: {report['n']} evaluated of {report['n_listed']} listed, "
+        f"{len(report['unreadable'])} unreadable",
+    ]
+    for u in report["unreadable"][:20]:
+        lines.append(f"  unreadable: {u['file']} ({u['error']})")
+
+    def row(name: str, block: dict[str, Any]) -> str:
+        parts = [f"{name:12s} n={block['n']:<5d}"]
+        for m in METRIC_NAMES:
+            v, ci = block[m]["value"], block[m]["ci95"]
+            text = "n/a" if v is None else f"{v:.3f}"
+            if ci:
+                text += f" [{ci[0]:.3f}-{ci[1]:.3f}]"
+            parts.append(f"{m} {text}")
+        c = block["confusion"]
+        parts.append(f"TP {c['tp']} FP {c['fp']} TN {c['tn']} FN {c['fn']}")
+        return "  ".join(parts)
+
+    lines.append(row("overall", report))
+    for source, block in report["by_source"].items():
+        lines.append(row(source, block))
+    return lines

@@ -1,0 +1,195 @@
+"""The one preprocessing path (OpenCV), used by training, evaluation and serving alike.
+
+``preprocess(data)`` turns the bytes of a PNG (8- or 16-bit), JPEG, BMP or TIFF file, grayscale or
+color, of any size, into the model's input: grayscale, resized to 224x224 with ``INTER_AREA``,
+float32 in [0, 1], repeated to 3 channels.  A :class:`PreprocessConfig` (stored in the model's
+metadata) adds the optional steps of the robust recipe: a border crop and CLAHE.
+
+The pixel count is read from the file header *before* the full decode, so a small file that
+declares a huge image (a decompression bomb) is refused without allocating it.  Every refusal is
+a subclass of :class:`ImageError` with a stable ``code``:
+
+===================  ==========================  =================================================
+exception            code                        raised when
+===================  ==========================  =================================================
+EmptyImageError      ``empty_image``             zero bytes
+NotAnImageError      ``not_an_image``            not PNG/JPEG/BMP/TIFF by its magic bytes
+TruncatedImageError  ``truncated_image``         the file ends before the image does
+CorruptImageError    ``corrupt_image``           the header or the pixel data cannot be decoded
+ImageTooLargeError   ``image_too_large``         width x height above the limit (default 50 MP)
+===================  ==========================  =================================================
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from shared.model_def import INPUT_SIZE
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*")
+
+
+class ImageError(ValueError):
+    """Base of every input the preprocessing refuses; ``code`` is stable and documented."""
+
+    code = "invalid_image"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EmptyImageError(ImageError):
+    code = "empty_image"
+
+
+class NotAnImageError(ImageError):
+    code = "not_an_image"
+
+
+class TruncatedImageError(ImageError):
+    code = "truncated_image"
+
+
+class CorruptImageError(ImageError):
+    code = "corrupt_image"
+
+
+class ImageTooLargeError(ImageError):
+    code = "image_too_large"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Optional steps on top of the paper's preprocessing; recorded in each model's metadata."""
+
+    crop_fraction: float = 0.0  # cut this fraction off every border (burnt-in text, frames)
+    clahe: bool = False  # contrast-limited adaptive histogram equalisation after resizing
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object] | None) -> PreprocessConfig:
+        data = data or {}
+        return cls(
+            crop_fraction=float(data.get("crop_fraction", 0.0)),  # type: ignore[arg-type]
+            clahe=bool(data.get("clahe", False)),
+        )
+
+
+PAPER = PreprocessConfig()
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the container format from the magic bytes, or raise."""
+    if not data:
+        raise EmptyImageError("the file is empty")
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data.startswith(TIFF_MAGICS):
+        return "tiff"
+    raise NotAnImageError("not a PNG, JPEG, BMP or TIFF image")
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """(width, height) from the header alone; Pillow reads headers lazily, never pixels."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own bomb warning: we check ourselves
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as img:
+                    return img.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+        if len(data) < 64:
+            raise TruncatedImageError(f"the {fmt.upper()} header is incomplete") from exc
+        raise CorruptImageError(f"the {fmt.upper()} header cannot be read") from exc
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    """Refuse files that stop early; decoders would fill the missing part with grey."""
+    if fmt == "png" and data.rfind(b"IEND") == -1:
+        raise TruncatedImageError("the PNG file ends before its IEND chunk")
+    if fmt == "jpeg" and b"\xff\xd9" not in data[-4096:]:
+        raise TruncatedImageError("the JPEG file ends before its end-of-image marker")
+    if fmt == "bmp" and len(data) >= 6:
+        (declared,) = struct.unpack_from("<I", data, 2)
+        if declared > len(data):
+            raise TruncatedImageError("the BMP file is shorter than its header says")
+
+
+def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
+    """Validate format, completeness and pixel count without decoding; return (fmt, w, h)."""
+    fmt = sniff_format(data)
+    width, height = _header_size(data, fmt)
+    if width <= 0 or height <= 0:
+        raise CorruptImageError("the header declares an empty image")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"the image is {width}x{height} = {width * height:,} pixels; "
+            f"the limit is {max_pixels:,}"
+        )
+    _check_complete(data, fmt)
+    return fmt, width, height
+
+
+def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode to a 2-D float32 array in [0, 1] (8-bit / 255, 16-bit / 65535)."""
+    fmt, _, _ = check_header(data, max_pixels)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    if img is None or img.size == 0:
+        raise CorruptImageError(f"the {fmt.upper()} pixel data cannot be decoded")
+    if img.ndim == 3:  # some decoders ignore the grayscale flag for exotic layouts
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    img = img.astype(np.float32)
+    lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise CorruptImageError("the image holds non-finite values")
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
+def to_model_input(gray: np.ndarray, config: PreprocessConfig = PAPER) -> np.ndarray:
+    """Grayscale float image in [0, 1] -> (224, 224, 3) float32 in [0, 1]."""
+    if config.crop_fraction > 0:
+        h, w = gray.shape
+        dy, dx = int(h * config.crop_fraction), int(w * config.crop_fraction)
+        if h - 2 * dy >= 8 and w - 2 * dx >= 8:
+            gray = gray[dy : h - dy, dx : w - dx]
+    small = cv2.resize(gray, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA)
+    if config.clahe:
+        as8 = np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+        small = clahe.apply(as8).astype(np.float32) / 255.0
+    small = np.clip(small, 0.0, 1.0).astype(np.float32, copy=False)
+    return np.repeat(small[:, :, None], 3, axis=2)
+
+
+def preprocess(
+    data: bytes, config: PreprocessConfig = PAPER, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Bytes of an image file -> the model's (224, 224, 3) float32 input; raises ImageError."""
+    return to_model_input(decode_grayscale(data, max_pixels), config)

@@ -1,0 +1,148 @@
+"""SQLAlchemy 2.0 models: jobs, their chunks (units of work), images and results.
+
+Job status is never stored: it is derived from the per-image statuses, which are the only
+truth, so it cannot drift.  Image statuses are plain strings (not a DB enum) so that later
+states (e.g. ``deidentifying``) need no type migration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from shared.db import utcnow
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class ImageStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ALL = (QUEUED, RUNNING, COMPLETED, FAILED)
+    TERMINAL = (COMPLETED, FAILED)
+
+
+class ChunkStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class JobStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+
+    @staticmethod
+    def from_counts(counts: dict[str, int]) -> str:
+        total = sum(counts.values())
+        done = counts.get(ImageStatus.COMPLETED, 0)
+        failed = counts.get(ImageStatus.FAILED, 0)
+        if total == 0 or counts.get(ImageStatus.QUEUED, 0) == total:
+            return JobStatus.QUEUED
+        if done + failed < total:
+            return JobStatus.RUNNING
+        if failed == 0:
+            return JobStatus.COMPLETED
+        if done == 0:
+            return JobStatus.FAILED
+        return JobStatus.COMPLETED_WITH_ERRORS
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+Timestamp = DateTime(timezone=True)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    client_ref: Mapped[str | None] = mapped_column(String(500))
+    model_version: Mapped[str] = mapped_column(String(100))
+    image_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="job", lazy="raise")
+
+
+class Chunk(Base):
+    """A unit of work: one Celery task classifies the images of one chunk in one batch."""
+
+    __tablename__ = "chunks"
+    __table_args__ = (
+        Index("ix_chunks_status_enqueued", "status", "enqueued_at"),
+        Index("ix_chunks_status_lease", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("job_id", "position", name="uq_images_job_position"),
+        Index("ix_images_job_status", "job_id", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # NULL for images refused at submission (bad header): they never reach a worker
+    chunk_id: Mapped[str | None] = mapped_column(
+        ForeignKey("chunks.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    filename: Mapped[str] = mapped_column(String(255))
+    blob_key: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ImageStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+    job: Mapped[Job] = relationship(back_populates="images", lazy="raise")
+    result: Mapped[Result | None] = relationship(lazy="raise", uselist=False)
+
+
+class Result(Base):
+    """At most one per image: written by upsert, so a redelivered chunk cannot duplicate it."""
+
+    __tablename__ = "results"
+
+    image_id: Mapped[str] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    probability: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

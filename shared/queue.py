@@ -1,0 +1,72 @@
+"""The Celery application's configuration and the one way work is enqueued.
+
+API and workers build the same Celery app from the settings; the API only *sends* tasks by
+name and never imports the worker's task code (or TensorFlow).  Job state lives in our own
+tables, so there is no result backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from celery import Celery
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import utcnow
+from shared.models import Chunk, ChunkStatus
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_TASK = "cxr.classify_chunk"
+QUEUE = "cxr"
+
+
+def make_celery(settings: Settings, name: str = "cxr") -> Celery:
+    app = Celery(name, broker=settings.redis_url)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def enqueue_chunks(
+    celery: Celery, session_factory: sessionmaker[Session], chunk_ids: Iterable[str]
+) -> int:
+    """Send one task per chunk, *after* the chunks were committed, and stamp ``enqueued_at``.
+
+    A chunk whose send fails keeps ``enqueued_at`` NULL; the sweeper re-enqueues it.  Returns
+    the number of chunks sent.
+    """
+    sent: list[str] = []
+    try:
+        for chunk_id in chunk_ids:
+            celery.send_task(CLASSIFY_TASK, args=[chunk_id], queue=QUEUE)
+            sent.append(chunk_id)
+    except Exception as exc:  # broker down: the rows are safe, the sweeper will send them
+        log.warning("enqueue failed after %d chunks (%s); the sweeper will retry", len(sent), exc)
+    if sent:
+        try:
+            with session_factory.begin() as session:
+                session.execute(
+                    update(Chunk)
+                    .where(Chunk.id.in_(sent), Chunk.status == ChunkStatus.QUEUED)
+                    .values(enqueued_at=utcnow())
+                )
+        except Exception as exc:  # the tasks are out; at worst the sweeper sends one again
+            log.warning("could not stamp enqueued_at (%s)", exc)
+    return len(sent)

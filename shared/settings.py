@@ -1,0 +1,146 @@
+"""One typed settings object, read from ``CXR_*`` environment variables and validated at start-up.
+
+Every command (API, worker, CLI, tests) builds its settings through :func:`load_settings`, so the
+same variable means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "cxr-cnn.npz"
+
+
+class SettingsError(ValueError):
+    """A ``CXR_*`` variable is missing, malformed or inconsistent with another."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service configuration. Field ``foo_bar`` is read from ``CXR_FOO_BAR``."""
+
+    data_dir: Path = Path("cxr-data")
+    database_url: str = ""  # default: SQLite file in data_dir
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    blob_dir: Path | None = None  # default: data_dir / "blobs"
+    model_path: Path = DEFAULT_MODEL_PATH
+    host: str = "127.0.0.1"
+    port: int = 8000
+    url: str = "http://127.0.0.1:8000"
+    # embedded Redis started by `cxr serve` when CXR_REDIS_URL is not set
+    embedded_redis_port: int = 6390
+    # limits
+    max_image_pixels: int = 50_000_000
+    max_files_per_job: int = 5000
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: int = 1024 * 1024 * 1024
+    max_zip_ratio: int = 200  # uncompressed / compressed, per zip entry
+    max_per_page: int = 500
+    # processing
+    chunk_size: int = 32
+    max_attempts: int = 3
+    task_time_limit: int = 300  # seconds, hard limit of one chunk task
+    visibility_timeout: int = 3600  # seconds; must stay well above task_time_limit
+    lease_seconds: int = 600  # a chunk running longer than this is presumed dead
+    enqueue_grace_seconds: int = 60  # a chunk never enqueued for this long is re-enqueued
+    sweep_interval: float = 30.0
+    retry_backoff_max: int = 60
+    worker_concurrency: int = 1
+    api_workers: int = 2
+    inference_threads: int = 0  # 0: TensorFlow's default
+    log_level: str = "INFO"
+
+    @property
+    def blob_path(self) -> Path:
+        return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'cxr.db').resolve()}"
+
+    def validate(self) -> Settings:
+        positive = (
+            "port",
+            "max_image_pixels",
+            "max_files_per_job",
+            "max_file_bytes",
+            "max_request_bytes",
+            "max_zip_ratio",
+            "max_per_page",
+            "chunk_size",
+            "max_attempts",
+            "task_time_limit",
+            "visibility_timeout",
+            "lease_seconds",
+            "worker_concurrency",
+            "api_workers",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"CXR_{name.upper()} must be > 0")
+        if self.visibility_timeout < 2 * self.task_time_limit:
+            raise SettingsError(
+                "CXR_VISIBILITY_TIMEOUT must be at least twice CXR_TASK_TIME_LIMIT, "
+                "or Redis redelivers tasks that are still running"
+            )
+        if self.lease_seconds <= self.task_time_limit:
+            raise SettingsError("CXR_LEASE_SECONDS must exceed CXR_TASK_TIME_LIMIT")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("CXR_REDIS_URL must be a redis:// URL")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError("CXR_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        return self
+
+
+def _convert(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is bool:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind is Path:
+            return Path(raw).expanduser()
+        return kind(raw)
+    except ValueError as exc:
+        raise SettingsError(f"CXR_{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+_TYPES: dict[str, type] = {
+    "data_dir": Path,
+    "blob_dir": Path,
+    "model_path": Path,
+    "database_url": str,
+    "redis_url": str,
+    "host": str,
+    "url": str,
+    "log_level": str,
+    "sweep_interval": float,
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate settings from ``environ`` (default: ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Settings):
+        raw = env.get(f"CXR_{f.name.upper()}")
+        if raw is None or raw == "":
+            continue
+        values[f.name] = _convert(f.name, raw, _TYPES.get(f.name, int))
+    return Settings(**values).validate()  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings from the environment, read once."""
+    return load_settings()

@@ -1,0 +1,220 @@
+"""Fixtures with real parts: a Redis server, databases (SQLite always, PostgreSQL when it is
+reachable), the Flask app, a live HTTP server and Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from shared.migrate import upgrade
+from shared.redis_server import RedisServer, free_port
+from shared.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
+PG_ADMIN_URL = os.environ.get(
+    "CXR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _pg_engine():  # noqa: ANN202
+    from sqlalchemy import create_engine
+
+    return create_engine(
+        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 2}
+    )
+
+
+_pg_state: dict[str, bool] = {}
+
+
+def postgres_available() -> bool:
+    if "ok" not in _pg_state:
+        try:
+            from sqlalchemy import text
+
+            engine = _pg_engine()
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+            _pg_state["ok"] = True
+        except Exception:
+            _pg_state["ok"] = False
+    return _pg_state["ok"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for each test."""
+    redis_lib.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+def _create_pg_database() -> tuple[str, Callable[[], None]]:
+    from sqlalchemy import text
+
+    name = f"cxr_test_{uuid.uuid4().hex[:12]}"
+    engine = _pg_engine()
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    def drop() -> None:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+    return url, drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database: SQLite always, PostgreSQL where one is reachable."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'cxr.db'}"
+        upgrade(url)
+        yield url
+        return
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
+    url, drop = _create_pg_database()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def service_env(tmp_path: Path, database_url: str, redis_url: str) -> dict[str, str]:
+    """``CXR_*`` variables for one isolated stack (API, worker and test share them)."""
+    return {
+        "CXR_DATA_DIR": str(tmp_path / "data"),
+        "CXR_DATABASE_URL": database_url,
+        "CXR_REDIS_URL": redis_url,
+        "CXR_CHUNK_SIZE": "4",
+        "CXR_SWEEP_INTERVAL": "1",
+        "CXR_ENQUEUE_GRACE_SECONDS": "2",
+        "CXR_TASK_TIME_LIMIT": "60",
+        "CXR_LEASE_SECONDS": "90",
+        "CXR_VISIBILITY_TIMEOUT": "300",
+    }
+
+
+@pytest.fixture
+def settings(service_env: dict[str, str]) -> Settings:
+    return load_settings(service_env)
+
+
+@pytest.fixture
+def app(settings: Settings):  # noqa: ANN201
+    from api import create_app
+
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    yield app
+    from api.extensions import service
+
+    with app.app_context():
+        service.state.engine.dispose()
+
+
+@pytest.fixture
+def client(app):  # noqa: ANN001, ANN201
+    return app.test_client()
+
+
+@pytest.fixture
+def live_server(app) -> Iterator[str]:  # noqa: ANN001
+    """The app over real HTTP, in a thread."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(5)
+
+
+class WorkerProcess:
+    """A real ``celery worker`` process (solo pool) with its output in a log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
+        from cli.service import worker_argv
+
+        self.log_path = log_path
+        argv = worker_argv(1, "INFO")
+        argv[argv.index("-n") + 1] = f"{name}@%h"
+        full_env = {**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            argv, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log()[-3000:]}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 60) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: ``start_worker()`` starts a worker on this test's stack, stopped at teardown."""
+    workers: list[WorkerProcess] = []
+
+    def start(wait: bool = True, **extra_env: str) -> WorkerProcess:
+        n = len(workers) + 1
+        w = WorkerProcess({**service_env, **extra_env}, tmp_path / f"worker-{n}.log", f"w{n}")
+        workers.append(w)
+        return w.wait_ready() if wait else w
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    if not (DATA_DIR / "manifest.csv").is_file():
+        pytest.skip(f"real X-rays not available: {DATA_DIR} is absent (it is not in the repo)")
+    return DATA_DIR
+

@@ -1,0 +1,51 @@
+"""Generated test images and archives (no real X-rays: those live outside the repository)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import cv2
+import numpy as np
+
+
+def xray_like(seed: int, height: int = 300, width: int = 256) -> np.ndarray:
+    """A grayscale image with two dark 'lung fields' and noise: varied but deterministic."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width), 180, np.float32)
+    for cx in (0.3, 0.7):
+        center = (int(width * cx), int(height * 0.5))
+        axes = (int(width * rng.uniform(0.12, 0.2)), int(height * rng.uniform(0.25, 0.35)))
+        cv2.ellipse(img, center, axes, 0, 0, 360, float(rng.uniform(40, 110)), -1)
+    img += rng.normal(0, rng.uniform(5, 30), img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(img: np.ndarray, ext: str = ".png") -> bytes:
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    return buf.tobytes()
+
+
+def png_bytes(seed: int, **kwargs: int) -> bytes:
+    return encode(xray_like(seed, **kwargs), ".png")
+
+
+def jpeg_bytes(seed: int, **kwargs: int) -> bytes:
+    return encode(xray_like(seed, **kwargs), ".jpg")
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def zip_bytes(entries: dict[str, bytes], **zinfo: int) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            info = zipfile.ZipInfo(name)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            for key, value in zinfo.items():
+                setattr(info, key, value)
+            zf.writestr(info, data)
+    return buf.getvalue()

@@ -1,0 +1,246 @@
+"""API behaviour without workers: validation, storage, errors, pagination, reads.
+
+Runs against a real Redis and real databases (SQLite, and PostgreSQL where reachable).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from api.extensions import service
+from shared.models import Chunk, Image
+from tests.factories import jpeg_bytes, png_bytes, truncated, zip_bytes
+
+
+def post_files(client, files, **form):  # noqa: ANN001, ANN201
+    data = {"files": [(io.BytesIO(content), name) for name, content in files], **form}
+    return client.post("/v1/jobs", data=data, content_type="multipart/form-data")
+
+
+def assert_error(resp, status: int, code: str) -> None:  # noqa: ANN001
+    assert resp.status_code == status, resp.get_json()
+    body = resp.get_json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+
+
+def test_submit_stores_images_and_answers_202(client, app) -> None:  # noqa: ANN001
+    files = [("a.png", png_bytes(1)), ("b.jpg", jpeg_bytes(2)), ("c.png", png_bytes(3))]
+    resp = post_files(client, files, client_ref="ward 7 / batch 12")
+    assert resp.status_code == 202
+    body = resp.get_json()
+    uuid.UUID(body["id"])
+    assert resp.headers["Location"].endswith(f"/v1/jobs/{body['id']}")
+    assert body["status"] == "queued"
+    assert body["client_ref"] == "ward 7 / batch 12"
+    assert [i["filename"] for i in body["images"]] == ["a.png", "b.jpg", "c.png"]
+    with app.app_context():
+        state = service.state
+        for (_, content), image in zip(files, body["images"], strict=True):
+            with state.sessions() as session:
+                row = session.get(Image, image["id"])
+                assert state.blobs.get(row.blob_key) == content
+        with state.sessions() as session:
+            chunks = session.scalars(select(Chunk).where(Chunk.job_id == body["id"])).all()
+            assert len(chunks) == 1  # chunk size 4 in the tests
+            assert chunks[0].enqueued_at is not None
+
+
+def test_chunking_follows_chunk_size(client, app) -> None:  # noqa: ANN001
+    resp = post_files(client, [(f"{n}.png", png_bytes(n)) for n in range(9)])
+    assert resp.status_code == 202
+    with app.app_context(), service.state.sessions() as session:
+        sizes = session.execute(
+            select(func.count())
+            .select_from(Image)
+            .where(Image.job_id == resp.get_json()["id"])
+            .group_by(Image.chunk_id)
+        ).scalars()
+        assert sorted(sizes) == [1, 4, 4]
+
+
+def test_zip_is_expanded_in_order(client) -> None:  # noqa: ANN001
+    archive = zip_bytes({"x/1.png": png_bytes(1), "x/2.png": png_bytes(2), "__MACOSX/._1.png": b"junk"})
+    resp = post_files(client, [("films.zip", archive)])
+    assert resp.status_code == 202
+    assert [i["filename"] for i in resp.get_json()["images"]] == ["x/1.png", "x/2.png"]
+
+
+def test_bad_images_fail_at_the_door_and_the_rest_is_accepted(client) -> None:  # noqa: ANN001
+    files = [
+        ("ok.png", png_bytes(1)),
+        ("empty.png", b""),
+        ("notes.png", b"this is a text file, not an image"),
+        ("half.png", truncated(png_bytes(2))),
+    ]
+    resp = post_files(client, files)
+    assert resp.status_code == 202
+    images = {i["filename"]: i for i in resp.get_json()["images"]}
+    assert images["ok.png"]["status"] == "queued"
+    assert images["empty.png"]["error"]["code"] == "empty_image"
+    assert images["notes.png"]["error"]["code"] == "not_an_image"
+    assert images["half.png"]["error"]["code"] == "truncated_image"
+    job = client.get(resp.headers["Location"]).get_json()
+    assert job["counts"] == {"queued": 1, "running": 0, "completed": 0, "failed": 3}
+    assert job["status"] == "running"
+
+
+def test_all_bad_images_make_a_failed_job(client) -> None:  # noqa: ANN001
+    resp = post_files(client, [("a.png", b""), ("b.png", b"nope")])
+    assert resp.status_code == 202
+    assert client.get(resp.headers["Location"]).get_json()["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": {"files": []}}, 415, "unsupported_media_type"),
+        ({"data": b"raw", "content_type": "image/png"}, 415, "unsupported_media_type"),
+        ({"data": {}, "content_type": "multipart/form-data"}, 400, "no_files"),
+        ({"data": {"other": "a.png"}, "content_type": "multipart/form-data"}, 400, "no_files"),
+    ],
+)
+def test_submission_errors(client, kwargs, status, code) -> None:  # noqa: ANN001
+    assert_error(client.post("/v1/jobs", **kwargs), status, code)
+
+
+def test_files_in_the_wrong_field(client) -> None:  # noqa: ANN001
+    resp = client.post("/v1/jobs", data={"other": (io.BytesIO(png_bytes(1)), "a.png")},
+                       content_type="multipart/form-data")
+    assert_error(resp, 400, "no_files")
+
+
+def test_limits(service_env, redis_url) -> None:  # noqa: ANN001
+    from api import create_app
+    from shared.settings import load_settings
+
+    settings = load_settings(
+        {**service_env, "CXR_MAX_FILES_PER_JOB": "2", "CXR_MAX_FILE_BYTES": "50000",
+         "CXR_MAX_REQUEST_BYTES": "400000"}
+    )
+    client = create_app(settings).test_client()
+    small = png_bytes(1, height=40, width=40)
+    assert_error(post_files(client, [("a.png", small)] * 3), 413, "too_many_files")
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * 60000
+    assert_error(post_files(client, [("big.png", big)]), 413, "file_too_large")
+    huge = b"\0" * 500000
+    assert_error(post_files(client, [("huge.png", huge)]), 413, "request_too_large")
+    assert_error(post_files(client, [("a.zip", zip_bytes({f"{n}.png": small for n in range(3)}))]),
+                 413, "too_many_files")
+
+
+def test_client_ref_too_long(client) -> None:  # noqa: ANN001
+    assert_error(post_files(client, [("a.png", png_bytes(1))], client_ref="x" * 501),
+                 400, "invalid_parameter")
+
+
+@pytest.mark.parametrize(
+    ("entries", "code"),
+    [
+        ({"../evil.png": b"x"}, "unsafe_zip_entry"),
+        ({"/etc/evil.png": b"x"}, "unsafe_zip_entry"),
+        ({"inner.zip": "NESTED"}, "nested_zip"),
+    ],
+)
+def test_unsafe_zips(client, entries, code) -> None:  # noqa: ANN001
+    entries = {k: (zip_bytes({"a.png": png_bytes(1)}) if v == "NESTED" else v) for k, v in entries.items()}
+    assert_error(post_files(client, [("a.zip", zip_bytes(entries))]), 400, code)
+
+
+def test_corrupt_zip(client) -> None:  # noqa: ANN001
+    assert_error(post_files(client, [("a.zip", b"PK\x03\x04garbage")]), 400, "invalid_zip")
+
+
+def test_symlink_in_zip(client) -> None:  # noqa: ANN001
+    link = zip_bytes({"link.png": b"/etc/passwd"}, external_attr=(0o120777 << 16))
+    assert_error(post_files(client, [("a.zip", link)]), 400, "unsafe_zip_entry")
+
+
+def test_zip_bomb(client) -> None:  # noqa: ANN001
+    bomb = zip_bytes({"bomb.png": b"\0" * 20_000_000})
+    assert len(bomb) < 100_000
+    assert_error(post_files(client, [("bomb.zip", bomb)]), 400, "zip_bomb")
+
+
+def test_get_job_paginates(client) -> None:  # noqa: ANN001
+    job_id = post_files(client, [(f"{n}.png", png_bytes(n)) for n in range(7)]).get_json()["id"]
+    body = client.get(f"/v1/jobs/{job_id}?page=2&per_page=3").get_json()
+    assert [i["filename"] for i in body["images"]] == ["3.png", "4.png", "5.png"]
+    assert body["pagination"] == {"page": 2, "per_page": 3, "total": 7, "pages": 3}
+    assert body["image_count"] == 7
+    assert body["progress"] == 0.0
+    last = client.get(f"/v1/jobs/{job_id}?page=3&per_page=3").get_json()
+    assert [i["filename"] for i in last["images"]] == ["6.png"]
+    beyond = client.get(f"/v1/jobs/{job_id}?page=9&per_page=3").get_json()
+    assert beyond["images"] == []
+
+
+@pytest.mark.parametrize("query", ["per_page=0", "per_page=-1", "per_page=1000000000",
+                                   "per_page=501", "page=0", "page=abc", "status=done"])
+def test_bad_pagination(client, query) -> None:  # noqa: ANN001
+    job_id = post_files(client, [("a.png", png_bytes(1))]).get_json()["id"]
+    assert_error(client.get(f"/v1/jobs/{job_id}?{query}"), 400, "invalid_parameter")
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/not-a-uuid", f"/v1/jobs/{uuid.uuid4()}",
+                                  f"/v1/jobs/{uuid.uuid4()}/results.csv", "/v1/images/123",
+                                  f"/v1/images/{uuid.uuid4()}", "/nowhere"])
+def test_not_found(client, path) -> None:  # noqa: ANN001
+    resp = client.get(path)
+    assert resp.status_code == 404
+    assert resp.get_json()["error"]["code"].endswith("not_found")
+
+
+def test_method_not_allowed_is_json(client) -> None:  # noqa: ANN001
+    assert_error(client.delete("/v1/jobs"), 405, "method_not_allowed")
+
+
+def test_image_and_csv_reads(client) -> None:  # noqa: ANN001
+    body = post_files(client, [("a.png", png_bytes(1)), ("bad.png", b"")]).get_json()
+    image = client.get(f"/v1/images/{body['images'][1]['id']}").get_json()
+    assert image["job_id"] == body["id"]
+    assert image["status"] == "failed"
+    assert image["error"]["code"] == "empty_image"
+    csv_resp = client.get(f"/v1/jobs/{body['id']}/results.csv")
+    assert csv_resp.status_code == 200
+    assert csv_resp.mimetype == "text/csv"
+    lines = csv_resp.get_data(as_text=True).strip().splitlines()
+    assert lines[0].startswith("image_id,filename,status,probability,label")
+    assert len(lines) == 3
+    assert ",bad.png,failed,,,empty_image," in lines[2]
+
+
+def test_long_and_unicode_filenames(client) -> None:  # noqa: ANN001
+    files = [("é" * 400 + ".png", png_bytes(1)), ("x\ty\u0007.png", png_bytes(2)),
+             ("same.png", png_bytes(3)), ("same.png", png_bytes(4))]
+    body = post_files(client, files).get_json()
+    names = [i["filename"] for i in body["images"]]
+    assert len(names[0]) <= 255
+    assert names[0].endswith(".png")
+    assert names[1] == "xy.png"
+    assert names[2] == names[3] == "same.png"
+    assert body["images"][2]["id"] != body["images"][3]["id"]
+
+
+def test_health(client) -> None:  # noqa: ANN001
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.get_json()
+    assert ready.get_json()["checks"] == {"database": "ok", "redis": "ok", "model": "ok"}
+
+
+def test_readyz_reports_redis_down(service_env) -> None:  # noqa: ANN001
+    from api import create_app
+    from shared.redis_server import free_port
+    from shared.settings import load_settings
+
+    settings = load_settings({**service_env, "CXR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    resp = create_app(settings).test_client().get("/readyz")
+    assert resp.status_code == 503
+    assert resp.get_json()["checks"]["redis"].startswith("error")

@@ -1,0 +1,77 @@
+"""The compose file and the settings it rests on."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.settings import Settings, SettingsError, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_compose_services_are_configured_by_environment() -> None:
+    services = compose()["services"]
+    assert {"redis", "postgres", "migrate", "api", "worker", "sweeper"} <= set(services)
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    worker = services["worker"]
+    assert "ports" not in worker and "container_name" not in worker  # --scale worker=N works
+    for name in ("api", "worker", "sweeper", "migrate"):
+        env = services[name]["environment"]
+        assert env["CXR_DATABASE_URL"].startswith("postgresql")
+        assert env["CXR_REDIS_URL"] == "redis://redis:6379/0"
+        assert all(key.startswith("CXR_") for key in env)
+    assert services["migrate"]["command"] == ["cxr", "db", "upgrade"]
+    assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+def _has_compose() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_compose(), reason="the docker compose client is not installed")
+def test_docker_compose_config_is_valid() -> None:
+    result = subprocess.run(
+        ["docker", "compose", "config", "--quiet"],
+        cwd=REPO,
+        env={"POSTGRES_PASSWORD": "test-only", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_settings_defaults_and_environment(tmp_path: Path) -> None:
+    s = load_settings({"CXR_DATA_DIR": str(tmp_path), "CXR_PORT": "9001", "CXR_CHUNK_SIZE": "8"})
+    assert s.port == 9001
+    assert s.chunk_size == 8
+    assert s.sqlalchemy_url == f"sqlite:///{tmp_path.resolve() / 'cxr.db'}"
+    assert s.blob_path == tmp_path / "blobs"
+    assert load_settings({}) == Settings()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CXR_PORT": "eighty"},
+        {"CXR_CHUNK_SIZE": "0"},
+        {"CXR_TASK_TIME_LIMIT": "600", "CXR_VISIBILITY_TIMEOUT": "900"},
+        {"CXR_TASK_TIME_LIMIT": "600", "CXR_LEASE_SECONDS": "500", "CXR_VISIBILITY_TIMEOUT": "5000"},
+        {"CXR_REDIS_URL": "http://localhost"},
+        {"CXR_LOG_LEVEL": "LOUD"},
+    ],
+)
+def test_invalid_settings_are_refused_at_start(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="CXR_"):
+        load_settings(env)

@@ -1,0 +1,1 @@
+"""Celery workers: decode, preprocess and classify chunks of images in batches."""

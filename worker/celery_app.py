@@ -1,0 +1,37 @@
+"""The worker's Celery app.  Start with ``cxr worker`` (or ``celery -A worker.celery_app``).
+
+TensorFlow is loaded after the fork in each prefork pool process (``worker_process_init``), or
+in the worker itself, before it reports ready, with ``--pool solo``; never in a prefork parent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery.signals import worker_process_init, worker_ready
+
+from shared.queue import make_celery
+from shared.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+app = make_celery(get_settings(), name="cxr-worker")
+app.conf.include = ["worker.tasks"]
+
+
+def _load_model() -> None:
+    from worker.inference import get_classifier
+
+    get_classifier()
+
+
+@worker_process_init.connect
+def _load_model_in_child(**_kwargs: object) -> None:
+    _load_model()
+
+
+@worker_ready.connect
+def _load_model_if_solo(sender: object = None, **_kwargs: object) -> None:
+    if isinstance(getattr(sender, "pool", None), SoloPool):
+        _load_model()
