@@ -178,6 +178,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         else None,
         epochs=opts.epochs,
         callbacks=callbacks,
+        shuffle=False,  # the dataset shuffles itself, reproducibly
         verbose=(1 if sys.stdout.isatty() else 2) if opts.progress else 0,
     )
     round_weights(model)

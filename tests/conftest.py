@@ -26,7 +26,7 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
-def _pg_engine():  # noqa: ANN202
+def _pg_engine():
     from sqlalchemy import create_engine
 
     return create_engine(
@@ -123,7 +123,7 @@ def settings(service_env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture
-def app(settings: Settings):  # noqa: ANN201
+def app(settings: Settings):
     from api import create_app
 
     app = create_app(settings)
@@ -136,12 +136,12 @@ def app(settings: Settings):  # noqa: ANN201
 
 
 @pytest.fixture
-def client(app):  # noqa: ANN001, ANN201
+def client(app):
     return app.test_client()
 
 
 @pytest.fixture
-def live_server(app) -> Iterator[str]:  # noqa: ANN001
+def live_server(app) -> Iterator[str]:
     """The app over real HTTP, in a thread."""
     from werkzeug.serving import make_server
 
@@ -197,7 +197,9 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def start_worker(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(
+    service_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
     """Factory: ``start_worker()`` starts a worker on this test's stack, stopped at teardown."""
     workers: list[WorkerProcess] = []
 
@@ -217,4 +219,3 @@ def real_data_dir() -> Path:
     if not (DATA_DIR / "manifest.csv").is_file():
         pytest.skip(f"real X-rays not available: {DATA_DIR} is absent (it is not in the repo)")
     return DATA_DIR
-

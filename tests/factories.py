@@ -49,3 +49,39 @@ def zip_bytes(entries: dict[str, bytes], **zinfo: int) -> bytes:
                 setattr(info, key, value)
             zf.writestr(info, data)
     return buf.getvalue()
+
+
+def make_job(
+    sessions,
+    blobs,
+    images: list[bytes],
+    chunk_size: int = 32,
+    **chunk_fields: object,
+) -> tuple[str, list[str], list[str]]:
+    """Rows for one job as the API would write them; returns (job id, chunk ids, image ids)."""
+    from shared.models import Chunk, Image, Job, new_id
+
+    job = Job(id=new_id(), model_version="test", image_count=len(images))
+    chunks = [
+        Chunk(id=new_id(), job_id=job.id, **chunk_fields)
+        for _ in range(max(1, -(-len(images) // chunk_size)))
+    ]
+    rows = [
+        Image(
+            id=new_id(),
+            job_id=job.id,
+            chunk_id=chunks[n // chunk_size].id,
+            position=n,
+            filename=f"image-{n}.png",
+            blob_key=blobs.put(data),
+            size_bytes=len(data),
+        )
+        for n, data in enumerate(images)
+    ]
+    with sessions.begin() as session:
+        session.add(job)
+        session.flush()
+        session.add_all(chunks)
+        session.flush()
+        session.add_all(rows)
+    return job.id, [c.id for c in chunks], [r.id for r in rows]

@@ -16,12 +16,12 @@ from shared.models import Chunk, Image
 from tests.factories import jpeg_bytes, png_bytes, truncated, zip_bytes
 
 
-def post_files(client, files, **form):  # noqa: ANN001, ANN201
+def post_files(client, files, **form):
     data = {"files": [(io.BytesIO(content), name) for name, content in files], **form}
     return client.post("/v1/jobs", data=data, content_type="multipart/form-data")
 
 
-def assert_error(resp, status: int, code: str) -> None:  # noqa: ANN001
+def assert_error(resp, status: int, code: str) -> None:
     assert resp.status_code == status, resp.get_json()
     body = resp.get_json()
     assert set(body) == {"error"}
@@ -30,7 +30,7 @@ def assert_error(resp, status: int, code: str) -> None:  # noqa: ANN001
     assert body["error"]["message"]
 
 
-def test_submit_stores_images_and_answers_202(client, app) -> None:  # noqa: ANN001
+def test_submit_stores_images_and_answers_202(client, app) -> None:
     files = [("a.png", png_bytes(1)), ("b.jpg", jpeg_bytes(2)), ("c.png", png_bytes(3))]
     resp = post_files(client, files, client_ref="ward 7 / batch 12")
     assert resp.status_code == 202
@@ -52,7 +52,7 @@ def test_submit_stores_images_and_answers_202(client, app) -> None:  # noqa: ANN
             assert chunks[0].enqueued_at is not None
 
 
-def test_chunking_follows_chunk_size(client, app) -> None:  # noqa: ANN001
+def test_chunking_follows_chunk_size(client, app) -> None:
     resp = post_files(client, [(f"{n}.png", png_bytes(n)) for n in range(9)])
     assert resp.status_code == 202
     with app.app_context(), service.state.sessions() as session:
@@ -65,14 +65,16 @@ def test_chunking_follows_chunk_size(client, app) -> None:  # noqa: ANN001
         assert sorted(sizes) == [1, 4, 4]
 
 
-def test_zip_is_expanded_in_order(client) -> None:  # noqa: ANN001
-    archive = zip_bytes({"x/1.png": png_bytes(1), "x/2.png": png_bytes(2), "__MACOSX/._1.png": b"junk"})
+def test_zip_is_expanded_in_order(client) -> None:
+    archive = zip_bytes(
+        {"x/1.png": png_bytes(1), "x/2.png": png_bytes(2), "__MACOSX/._1.png": b"junk"}
+    )
     resp = post_files(client, [("films.zip", archive)])
     assert resp.status_code == 202
     assert [i["filename"] for i in resp.get_json()["images"]] == ["x/1.png", "x/2.png"]
 
 
-def test_bad_images_fail_at_the_door_and_the_rest_is_accepted(client) -> None:  # noqa: ANN001
+def test_bad_images_fail_at_the_door_and_the_rest_is_accepted(client) -> None:
     files = [
         ("ok.png", png_bytes(1)),
         ("empty.png", b""),
@@ -91,7 +93,7 @@ def test_bad_images_fail_at_the_door_and_the_rest_is_accepted(client) -> None:  
     assert job["status"] == "running"
 
 
-def test_all_bad_images_make_a_failed_job(client) -> None:  # noqa: ANN001
+def test_all_bad_images_make_a_failed_job(client) -> None:
     resp = post_files(client, [("a.png", b""), ("b.png", b"nope")])
     assert resp.status_code == 202
     assert client.get(resp.headers["Location"]).get_json()["status"] == "failed"
@@ -106,23 +108,30 @@ def test_all_bad_images_make_a_failed_job(client) -> None:  # noqa: ANN001
         ({"data": {"other": "a.png"}, "content_type": "multipart/form-data"}, 400, "no_files"),
     ],
 )
-def test_submission_errors(client, kwargs, status, code) -> None:  # noqa: ANN001
+def test_submission_errors(client, kwargs, status, code) -> None:
     assert_error(client.post("/v1/jobs", **kwargs), status, code)
 
 
-def test_files_in_the_wrong_field(client) -> None:  # noqa: ANN001
-    resp = client.post("/v1/jobs", data={"other": (io.BytesIO(png_bytes(1)), "a.png")},
-                       content_type="multipart/form-data")
+def test_files_in_the_wrong_field(client) -> None:
+    resp = client.post(
+        "/v1/jobs",
+        data={"other": (io.BytesIO(png_bytes(1)), "a.png")},
+        content_type="multipart/form-data",
+    )
     assert_error(resp, 400, "no_files")
 
 
-def test_limits(service_env, redis_url) -> None:  # noqa: ANN001
+def test_limits(service_env, redis_url) -> None:
     from api import create_app
     from shared.settings import load_settings
 
     settings = load_settings(
-        {**service_env, "CXR_MAX_FILES_PER_JOB": "2", "CXR_MAX_FILE_BYTES": "50000",
-         "CXR_MAX_REQUEST_BYTES": "400000"}
+        {
+            **service_env,
+            "CXR_MAX_FILES_PER_JOB": "2",
+            "CXR_MAX_FILE_BYTES": "50000",
+            "CXR_MAX_REQUEST_BYTES": "400000",
+        }
     )
     client = create_app(settings).test_client()
     small = png_bytes(1, height=40, width=40)
@@ -131,13 +140,19 @@ def test_limits(service_env, redis_url) -> None:  # noqa: ANN001
     assert_error(post_files(client, [("big.png", big)]), 413, "file_too_large")
     huge = b"\0" * 500000
     assert_error(post_files(client, [("huge.png", huge)]), 413, "request_too_large")
-    assert_error(post_files(client, [("a.zip", zip_bytes({f"{n}.png": small for n in range(3)}))]),
-                 413, "too_many_files")
+    assert_error(
+        post_files(client, [("a.zip", zip_bytes({f"{n}.png": small for n in range(3)}))]),
+        413,
+        "too_many_files",
+    )
 
 
-def test_client_ref_too_long(client) -> None:  # noqa: ANN001
-    assert_error(post_files(client, [("a.png", png_bytes(1))], client_ref="x" * 501),
-                 400, "invalid_parameter")
+def test_client_ref_too_long(client) -> None:
+    assert_error(
+        post_files(client, [("a.png", png_bytes(1))], client_ref="x" * 501),
+        400,
+        "invalid_parameter",
+    )
 
 
 @pytest.mark.parametrize(
@@ -148,27 +163,29 @@ def test_client_ref_too_long(client) -> None:  # noqa: ANN001
         ({"inner.zip": "NESTED"}, "nested_zip"),
     ],
 )
-def test_unsafe_zips(client, entries, code) -> None:  # noqa: ANN001
-    entries = {k: (zip_bytes({"a.png": png_bytes(1)}) if v == "NESTED" else v) for k, v in entries.items()}
+def test_unsafe_zips(client, entries, code) -> None:
+    entries = {
+        k: (zip_bytes({"a.png": png_bytes(1)}) if v == "NESTED" else v) for k, v in entries.items()
+    }
     assert_error(post_files(client, [("a.zip", zip_bytes(entries))]), 400, code)
 
 
-def test_corrupt_zip(client) -> None:  # noqa: ANN001
+def test_corrupt_zip(client) -> None:
     assert_error(post_files(client, [("a.zip", b"PK\x03\x04garbage")]), 400, "invalid_zip")
 
 
-def test_symlink_in_zip(client) -> None:  # noqa: ANN001
+def test_symlink_in_zip(client) -> None:
     link = zip_bytes({"link.png": b"/etc/passwd"}, external_attr=(0o120777 << 16))
     assert_error(post_files(client, [("a.zip", link)]), 400, "unsafe_zip_entry")
 
 
-def test_zip_bomb(client) -> None:  # noqa: ANN001
+def test_zip_bomb(client) -> None:
     bomb = zip_bytes({"bomb.png": b"\0" * 20_000_000})
     assert len(bomb) < 100_000
     assert_error(post_files(client, [("bomb.zip", bomb)]), 400, "zip_bomb")
 
 
-def test_get_job_paginates(client) -> None:  # noqa: ANN001
+def test_get_job_paginates(client) -> None:
     job_id = post_files(client, [(f"{n}.png", png_bytes(n)) for n in range(7)]).get_json()["id"]
     body = client.get(f"/v1/jobs/{job_id}?page=2&per_page=3").get_json()
     assert [i["filename"] for i in body["images"]] == ["3.png", "4.png", "5.png"]
@@ -181,27 +198,45 @@ def test_get_job_paginates(client) -> None:  # noqa: ANN001
     assert beyond["images"] == []
 
 
-@pytest.mark.parametrize("query", ["per_page=0", "per_page=-1", "per_page=1000000000",
-                                   "per_page=501", "page=0", "page=abc", "status=done"])
-def test_bad_pagination(client, query) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "query",
+    [
+        "per_page=0",
+        "per_page=-1",
+        "per_page=1000000000",
+        "per_page=501",
+        "page=0",
+        "page=abc",
+        "status=done",
+    ],
+)
+def test_bad_pagination(client, query) -> None:
     job_id = post_files(client, [("a.png", png_bytes(1))]).get_json()["id"]
     assert_error(client.get(f"/v1/jobs/{job_id}?{query}"), 400, "invalid_parameter")
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs/not-a-uuid", f"/v1/jobs/{uuid.uuid4()}",
-                                  f"/v1/jobs/{uuid.uuid4()}/results.csv", "/v1/images/123",
-                                  f"/v1/images/{uuid.uuid4()}", "/nowhere"])
-def test_not_found(client, path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs/not-a-uuid",
+        f"/v1/jobs/{uuid.uuid4()}",
+        f"/v1/jobs/{uuid.uuid4()}/results.csv",
+        "/v1/images/123",
+        f"/v1/images/{uuid.uuid4()}",
+        "/nowhere",
+    ],
+)
+def test_not_found(client, path) -> None:
     resp = client.get(path)
     assert resp.status_code == 404
     assert resp.get_json()["error"]["code"].endswith("not_found")
 
 
-def test_method_not_allowed_is_json(client) -> None:  # noqa: ANN001
+def test_method_not_allowed_is_json(client) -> None:
     assert_error(client.delete("/v1/jobs"), 405, "method_not_allowed")
 
 
-def test_image_and_csv_reads(client) -> None:  # noqa: ANN001
+def test_image_and_csv_reads(client) -> None:
     body = post_files(client, [("a.png", png_bytes(1)), ("bad.png", b"")]).get_json()
     image = client.get(f"/v1/images/{body['images'][1]['id']}").get_json()
     assert image["job_id"] == body["id"]
@@ -216,9 +251,13 @@ def test_image_and_csv_reads(client) -> None:  # noqa: ANN001
     assert ",bad.png,failed,,,empty_image," in lines[2]
 
 
-def test_long_and_unicode_filenames(client) -> None:  # noqa: ANN001
-    files = [("é" * 400 + ".png", png_bytes(1)), ("x\ty\u0007.png", png_bytes(2)),
-             ("same.png", png_bytes(3)), ("same.png", png_bytes(4))]
+def test_long_and_unicode_filenames(client) -> None:
+    files = [
+        ("é" * 400 + ".png", png_bytes(1)),
+        ("x\ty\u0007.png", png_bytes(2)),
+        ("same.png", png_bytes(3)),
+        ("same.png", png_bytes(4)),
+    ]
     body = post_files(client, files).get_json()
     names = [i["filename"] for i in body["images"]]
     assert len(names[0]) <= 255
@@ -228,14 +267,14 @@ def test_long_and_unicode_filenames(client) -> None:  # noqa: ANN001
     assert body["images"][2]["id"] != body["images"][3]["id"]
 
 
-def test_health(client) -> None:  # noqa: ANN001
+def test_health(client) -> None:
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.get_json()
     assert ready.get_json()["checks"] == {"database": "ok", "redis": "ok", "model": "ok"}
 
 
-def test_readyz_reports_redis_down(service_env) -> None:  # noqa: ANN001
+def test_readyz_reports_redis_down(service_env) -> None:
     from api import create_app
     from shared.redis_server import free_port
     from shared.settings import load_settings

@@ -22,16 +22,22 @@ def test_compose_services_are_configured_by_environment() -> None:
     services = compose()["services"]
     assert {"redis", "postgres", "migrate", "api", "worker", "sweeper"} <= set(services)
     assert "--appendonly" in services["redis"]["command"]
-    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert (
+        services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1]
+        == "yes"
+    )
     worker = services["worker"]
-    assert "ports" not in worker and "container_name" not in worker  # --scale worker=N works
+    assert "ports" not in worker  # --scale worker=N needs no fixed host port
+    assert "container_name" not in worker
     for name in ("api", "worker", "sweeper", "migrate"):
         env = services[name]["environment"]
         assert env["CXR_DATABASE_URL"].startswith("postgresql")
         assert env["CXR_REDIS_URL"] == "redis://redis:6379/0"
         assert all(key.startswith("CXR_") for key in env)
     assert services["migrate"]["command"] == ["cxr", "db", "upgrade"]
-    assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert (
+        services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    )
 
 
 def _has_compose() -> bool:
@@ -67,7 +73,11 @@ def test_settings_defaults_and_environment(tmp_path: Path) -> None:
         {"CXR_PORT": "eighty"},
         {"CXR_CHUNK_SIZE": "0"},
         {"CXR_TASK_TIME_LIMIT": "600", "CXR_VISIBILITY_TIMEOUT": "900"},
-        {"CXR_TASK_TIME_LIMIT": "600", "CXR_LEASE_SECONDS": "500", "CXR_VISIBILITY_TIMEOUT": "5000"},
+        {
+            "CXR_TASK_TIME_LIMIT": "600",
+            "CXR_LEASE_SECONDS": "500",
+            "CXR_VISIBILITY_TIMEOUT": "5000",
+        },
         {"CXR_REDIS_URL": "http://localhost"},
         {"CXR_LOG_LEVEL": "LOUD"},
     ],

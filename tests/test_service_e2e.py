@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +65,7 @@ def result_rows(database_url: str, job_id: str) -> dict[str, int]:
 
 def test_submit_poll_and_results_match_the_model(
     live_server, start_worker, database_url, reference_classifier
-) -> None:  # noqa: ANN001
+) -> None:
     start_worker()
     good = [(f"film-{n}.png", png_bytes(n, height=200 + 37 * n, width=256)) for n in range(7)]
     good += [("film-j.jpg", jpeg_bytes(99))]
@@ -97,7 +101,7 @@ def test_submit_poll_and_results_match_the_model(
     assert len(csv_text.strip().splitlines()) == 1 + 11
 
 
-def test_corrupt_pixel_data_fails_only_that_image(live_server, start_worker) -> None:  # noqa: ANN001
+def test_corrupt_pixel_data_fails_only_that_image(live_server, start_worker) -> None:
     """A file whose header is fine but whose pixels are not reaches the worker and fails there."""
     start_worker()
     ok = png_bytes(1)
@@ -113,7 +117,7 @@ def test_corrupt_pixel_data_fails_only_that_image(live_server, start_worker) -> 
     assert body["status"] == "completed_with_errors"
 
 
-def test_two_workers_share_a_big_job(live_server, start_worker, database_url) -> None:  # noqa: ANN001
+def test_two_workers_share_a_big_job(live_server, start_worker, database_url) -> None:
     w1 = start_worker(wait=False)
     w2 = start_worker(wait=False)
     w1.wait_ready()
@@ -129,7 +133,7 @@ def test_two_workers_share_a_big_job(live_server, start_worker, database_url) ->
     assert "chunk" in w1.log() or "chunk" in w2.log()
 
 
-def test_client_commands(live_server, start_worker, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_client_commands(live_server, start_worker, tmp_path: Path, capsys) -> None:
     from cli.main import main
 
     start_worker()
@@ -140,10 +144,51 @@ def test_client_commands(live_server, start_worker, tmp_path: Path, capsys) -> N
     (folder / "readme.txt").write_text("not sent")
     assert main(["submit", str(folder), "--url", live_server]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
-    assert main(["wait", job_id, "--url", live_server, "--interval", "0.3", "--timeout", "180"]) == 0
+    assert (
+        main(["wait", job_id, "--url", live_server, "--interval", "0.3", "--timeout", "180"]) == 0
+    )
     out = capsys.readouterr().out
     assert "a.png" in out
     assert "b.jpg" in out
     assert "completed" in out
     assert main(["results", job_id, "--csv", "--url", live_server]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_enqueue_failure_after_commit_is_recovered_by_the_sweeper(
+    service_env, settings, start_worker, tmp_path: Path
+) -> None:
+    """Redis is unreachable when the API enqueues: the job is accepted anyway (it is in the
+    database), and the sweeper process sends its chunks once the grace period is over."""
+    from api import create_app
+    from shared.redis_server import free_port
+    from shared.settings import load_settings
+
+    broken = load_settings({**service_env, "CXR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    api = create_app(broken).test_client()
+    resp = api.post(
+        "/v1/jobs",
+        data={"files": [(io.BytesIO(png_bytes(n)), f"{n}.png") for n in range(6)]},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 202
+    job_id = resp.get_json()["id"]
+    start_worker()
+    time.sleep(2)
+    assert api.get(f"/v1/jobs/{job_id}").get_json()["status"] == "queued"  # nothing was sent
+    sweeper = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "sweeper"],
+        env={**os.environ, **service_env},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            body = api.get(f"/v1/jobs/{job_id}").get_json()
+            if body["status"] == "completed":
+                break
+            time.sleep(0.5)
+        assert body["status"] == "completed", body
+        assert body["counts"]["completed"] == 6
+    finally:
+        sweeper.terminate()
+        sweeper.wait(30)

@@ -1,0 +1,168 @@
+"""Chunk processing and the sweeper, against real databases and a real Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import func, select
+
+from shared.db import make_engine, make_session_factory, utcnow
+from shared.model_store import Classifier
+from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
+from shared.queue import QUEUE, make_celery
+from shared.settings import DEFAULT_MODEL_PATH
+from shared.storage import LocalBlobStore
+from tests.factories import make_job, png_bytes, truncated
+from worker.processing import TOO_MANY_ATTEMPTS, process_chunk
+from worker.sweeper import sweep
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return Classifier.load(DEFAULT_MODEL_PATH)
+
+
+@pytest.fixture
+def stack(settings, classifier):
+    engine = make_engine(settings.sqlalchemy_url)
+    sessions = make_session_factory(engine)
+    blobs = LocalBlobStore(settings.blob_path)
+
+    def run(chunk_id: str):
+        return process_chunk(chunk_id, sessions, blobs, lambda: classifier, settings)
+
+    yield sessions, blobs, run
+    engine.dispose()
+
+
+def statuses(sessions, image_ids):
+    with sessions() as session:
+        rows = session.execute(
+            select(Image.id, Image.status, Image.error_code, Image.attempts).where(
+                Image.id.in_(image_ids)
+            )
+        ).all()
+    by_id = {r[0]: r[1:] for r in rows}
+    return [by_id[i] for i in image_ids]
+
+
+def result_count(sessions, image_ids) -> int:
+    with sessions() as session:
+        return session.scalar(
+            select(func.count()).select_from(Result).where(Result.image_id.in_(image_ids))
+        )
+
+
+def test_processing_twice_changes_nothing(stack) -> None:
+    sessions, blobs, run = stack
+    _, (chunk_id,), image_ids = make_job(sessions, blobs, [png_bytes(n) for n in range(3)])
+    first = run(chunk_id)
+    assert (first.completed, first.failed) == (3, 0)
+    with sessions() as session:
+        before = {r.image_id: r.probability for r in session.scalars(select(Result))}
+    second = run(chunk_id)
+    assert (second.completed, second.failed) == (0, 0)
+    assert result_count(sessions, image_ids) == 3
+    with sessions() as session:
+        after = {r.image_id: r.probability for r in session.scalars(select(Result))}
+        assert session.get(Chunk, chunk_id).status == ChunkStatus.DONE
+    assert before == after
+
+
+def test_redelivered_chunk_is_processed_image_by_image(stack) -> None:
+    """As if a worker died mid-chunk: the chunk is 'running', one image already done."""
+    sessions, blobs, run = stack
+    _, (chunk_id,), ids = make_job(
+        sessions, blobs, [png_bytes(n) for n in range(4)], status=ChunkStatus.RUNNING, attempts=1
+    )
+    with sessions.begin() as session:
+        for image in session.scalars(select(Image).where(Image.id.in_(ids))):
+            image.status, image.attempts = ImageStatus.RUNNING, 1
+    run_once = run(chunk_id)
+    assert run_once.completed == 4
+    assert [s[0] for s in statuses(sessions, ids)] == [ImageStatus.COMPLETED] * 4
+    assert [s[2] for s in statuses(sessions, ids)] == [2, 2, 2, 2]
+    assert result_count(sessions, ids) == 4
+
+
+def test_image_out_of_attempts_fails_and_the_rest_completes(stack, settings) -> None:
+    sessions, blobs, run = stack
+    _, (chunk_id,), ids = make_job(
+        sessions, blobs, [png_bytes(n) for n in range(3)], status=ChunkStatus.RUNNING, attempts=2
+    )
+    with sessions.begin() as session:
+        poison = session.get(Image, ids[1])
+        poison.status, poison.attempts = ImageStatus.RUNNING, settings.max_attempts
+    outcome = run(chunk_id)
+    assert (outcome.completed, outcome.failed) == (2, 1)
+    states = statuses(sessions, ids)
+    assert states[1][:2] == (ImageStatus.FAILED, TOO_MANY_ATTEMPTS)
+    assert states[0][0] == states[2][0] == ImageStatus.COMPLETED
+    assert result_count(sessions, ids) == 2
+
+
+def test_undecodable_image_fails_alone(stack) -> None:
+    sessions, blobs, run = stack
+    _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(1), truncated(png_bytes(2))])
+    outcome = run(chunk_id)
+    assert (outcome.completed, outcome.failed) == (1, 1)
+    assert statuses(sessions, ids)[1][:2] == (ImageStatus.FAILED, "truncated_image")
+
+
+def queue_length(redis_url: str) -> int:
+    return redis_lib.Redis.from_url(redis_url).llen(QUEUE)
+
+
+def test_sweeper_enqueues_chunks_whose_send_failed(stack, settings, redis_url) -> None:
+    sessions, blobs, _ = stack
+    old = utcnow() - dt.timedelta(seconds=settings.enqueue_grace_seconds + 5)
+    _, (stranded,), _ = make_job(sessions, blobs, [png_bytes(1)], created_at=old)
+    _, (fresh,), _ = make_job(sessions, blobs, [png_bytes(2)])  # within the grace period
+    assert sweep(make_celery(settings), sessions, settings) == 1
+    assert queue_length(redis_url) == 1
+    with sessions() as session:
+        assert session.get(Chunk, stranded).enqueued_at is not None
+        assert session.get(Chunk, fresh).enqueued_at is None
+
+
+def test_sweeper_takes_over_expired_leases(stack, settings, redis_url) -> None:
+    sessions, blobs, _ = stack
+    past, future = utcnow() - dt.timedelta(seconds=1), utcnow() + dt.timedelta(seconds=600)
+    _, (dead,), _ = make_job(
+        sessions,
+        blobs,
+        [png_bytes(1)],
+        status=ChunkStatus.RUNNING,
+        enqueued_at=past,
+        lease_expires_at=past,
+        attempts=1,
+    )
+    _, (alive,), _ = make_job(
+        sessions,
+        blobs,
+        [png_bytes(2)],
+        status=ChunkStatus.RUNNING,
+        enqueued_at=past,
+        lease_expires_at=future,
+        attempts=1,
+    )
+    assert sweep(make_celery(settings), sessions, settings) == 1
+    with sessions() as session:
+        assert session.get(Chunk, dead).status == ChunkStatus.QUEUED
+        assert session.get(Chunk, alive).status == ChunkStatus.RUNNING
+
+
+def test_sweeper_recovers_messages_lost_with_redis_only_when_the_queue_is_idle(
+    stack, settings, redis_url
+) -> None:
+    sessions, blobs, _ = stack
+    old = utcnow() - dt.timedelta(seconds=settings.enqueue_grace_seconds + 5)
+    make_job(sessions, blobs, [png_bytes(1)], created_at=old, enqueued_at=old)
+    client = redis_lib.Redis.from_url(redis_url)
+    client.lpush(QUEUE, b"someone else's message")  # queue busy: the chunk may be waiting
+    assert sweep(make_celery(settings), sessions, settings) == 0
+    client.delete(QUEUE)  # Redis lost everything
+    assert sweep(make_celery(settings), sessions, settings) == 1
+    assert queue_length(redis_url) == 1
