@@ -5,12 +5,14 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import select
 
+from api.auth import authenticate, current_principal
 from api.errors import APIError
 from api.extensions import service
 from api.queries import image_dict, parse_id
-from shared.models import Image, Result
+from shared.models import Image, Job, Result
 
 bp = Blueprint("images", __name__)
+bp.before_request(authenticate)
 
 
 @bp.get("/<image_id>")
@@ -21,6 +23,10 @@ def get_image(image_id: str) -> Response:
             .outerjoin(Result, Result.image_id == Image.id)
             .where(Image.id == parse_id(image_id, "image"))
         ).first()
+        principal = current_principal()
+        if row is not None and not principal.is_admin:
+            owner = session.scalar(select(Job.client).where(Job.id == row[0].job_id))
+            row = row if owner == principal.client else None
         if row is None:
             raise APIError(404, "image_not_found", f"no image with id {image_id!r}")
         return jsonify(image_dict(row[0], row[1], with_job=True))

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.auth import authenticate, current_principal
 from api.errors import APIError
 from api.extensions import service
 from api.queries import DEFAULT_PER_PAGE, image_dict, image_page, int_arg, job_summary, parse_id
@@ -23,8 +25,44 @@ from shared.queue import enqueue_chunks
 log = logging.getLogger(__name__)
 
 bp = Blueprint("jobs", __name__)
+bp.before_request(authenticate)
 
 MAX_CLIENT_REF = 500
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def _idempotency_key() -> str | None:
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    key = raw.strip()
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise APIError(
+            400,
+            "invalid_parameter",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+        )
+    return key
+
+
+def _find_by_idempotency_key(session: Session, client: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.client == client, Job.idempotency_key == key))
+
+
+def _replay(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """The answer to a retried submission: the original job, as it stands now."""
+    with service.state.sessions() as session:
+        job = session.get(Job, job_id)
+        body = job_summary(session, job)
+        rows = session.execute(
+            select(Image, Result)
+            .outerjoin(Result, Result.image_id == Image.id)
+            .where(Image.job_id == job_id)
+            .order_by(Image.position)
+        ).all()
+    body["images"] = [image_dict(image, result) for image, result in rows]
+    headers = {"Location": url_for("jobs.get_job", job_id=job_id), "Idempotent-Replayed": "true"}
+    return jsonify(body), 200, headers
 
 
 @bp.post("")
@@ -39,6 +77,13 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             "unsupported_media_type",
             "send multipart/form-data with the images in the field 'files'",
         )
+    principal = current_principal()
+    idempotency_key = _idempotency_key()
+    if idempotency_key is not None:
+        with state.sessions() as session:
+            existing = _find_by_idempotency_key(session, principal.client, idempotency_key)
+        if existing is not None:
+            return _replay(existing.id)
     client_ref = request.form.get("client_ref")
     if client_ref is not None and len(client_ref) > MAX_CLIENT_REF:
         raise APIError(400, "invalid_parameter", f"client_ref is longer than {MAX_CLIENT_REF}")
@@ -46,6 +91,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 
     job = Job(
         id=new_id(),
+        client=principal.client,
+        idempotency_key=idempotency_key,
         client_ref=client_ref,
         model_version=state.model.version,
         image_count=len(uploads),
@@ -76,12 +123,21 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     ]
     for n, image in enumerate(valid):
         image.chunk_id = chunks[n // settings.chunk_size].id
-    with state.sessions.begin() as session:
-        session.add(job)
-        session.flush()
-        session.add_all(chunks)
-        session.flush()
-        session.add_all(images)
+    try:
+        with state.sessions.begin() as session:
+            session.add(job)
+            session.flush()
+            session.add_all(chunks)
+            session.flush()
+            session.add_all(images)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        with state.sessions() as session:  # a concurrent retry with the same key won the race
+            existing = _find_by_idempotency_key(session, principal.client, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing.id)
     # Only after the commit: a worker must never see a chunk that is not in the database.
     enqueue_chunks(state.celery, state.sessions, [c.id for c in chunks])
     log.info("job %s accepted: %d images, %d chunks", job.id, len(images), len(chunks))
@@ -93,8 +149,11 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 
 
 def _load_job(session: Session, job_id: str) -> Job:
+    """The job, if it exists *and* the caller may see it: 404 either way, so no client can
+    learn that another's job exists."""
     job = session.get(Job, parse_id(job_id, "job"))
-    if job is None:
+    principal = current_principal()
+    if job is None or not (principal.is_admin or job.client == principal.client):
         raise APIError(404, "job_not_found", f"no job with id {job_id!r}")
     return job
 

@@ -20,6 +20,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--url", default=None, help="server (default CXR_URL or http://127.0.0.1:8000)"
         )
+        p.add_argument(
+            "--api-key",
+            default=None,
+            help="default: CXR_API_KEY, else the key `cxr serve` saved in CXR_DATA_DIR",
+        )
 
     p = sub.add_parser("submit", help="submit files, folders or zips as one job; prints its id")
     p.add_argument("paths", nargs="+", type=Path)
@@ -50,6 +55,21 @@ def base_url(args: argparse.Namespace) -> str:
     return (args.url or os.environ.get("CXR_URL") or "http://127.0.0.1:8000").rstrip("/")
 
 
+def http_session(args: argparse.Namespace) -> requests.Session:
+    """A session that sends the API key: --api-key, CXR_API_KEY, or the one-machine key file."""
+    key = args.api_key or os.environ.get("CXR_API_KEY")
+    if not key:
+        from shared.settings import get_settings, local_key_file
+
+        path = local_key_file(get_settings())
+        if path.is_file():
+            key = path.read_text().strip()
+    session = requests.Session()
+    if key:
+        session.headers["Authorization"] = f"Bearer {key}"
+    return session
+
+
 def _check(resp: requests.Response) -> requests.Response:
     if resp.status_code >= 400:
         try:
@@ -78,7 +98,9 @@ def collect_paths(paths: list[Path]) -> list[Path]:
     return files
 
 
-def submit(url: str, files: list[Path], client_ref: str | None = None) -> dict[str, Any]:
+def submit(
+    http: requests.Session, url: str, files: list[Path], client_ref: str | None = None
+) -> dict[str, Any]:
     handles = [open(f, "rb") for f in files]  # noqa: SIM115 - closed below
     try:
         parts = [
@@ -86,25 +108,27 @@ def submit(url: str, files: list[Path], client_ref: str | None = None) -> dict[s
             for f, h in zip(files, handles, strict=True)
         ]
         data = {"client_ref": client_ref} if client_ref else None
-        resp = requests.post(f"{url}/v1/jobs", files=parts, data=data, timeout=600)
+        resp = http.post(f"{url}/v1/jobs", files=parts, data=data, timeout=600)
     finally:
         for h in handles:
             h.close()
     return _check(resp).json()
 
 
-def get_job(url: str, job_id: str, page: int = 1, per_page: int = 1) -> dict[str, Any]:
-    resp = requests.get(
+def get_job(
+    http: requests.Session, url: str, job_id: str, page: int = 1, per_page: int = 1
+) -> dict[str, Any]:
+    resp = http.get(
         f"{url}/v1/jobs/{job_id}", params={"page": page, "per_page": per_page}, timeout=60
     )
     return _check(resp).json()
 
 
-def all_images(url: str, job_id: str) -> list[dict[str, Any]]:
+def all_images(http: requests.Session, url: str, job_id: str) -> list[dict[str, Any]]:
     images: list[dict[str, Any]] = []
     page = 1
     while True:
-        body = get_job(url, job_id, page=page, per_page=500)
+        body = get_job(http, url, job_id, page=page, per_page=500)
         images.extend(body["images"])
         if page >= body["pagination"]["pages"]:
             return images
@@ -124,7 +148,7 @@ def format_table(images: list[dict[str, Any]]) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    body = submit(base_url(args), collect_paths(args.paths), args.client_ref)
+    body = submit(http_session(args), base_url(args), collect_paths(args.paths), args.client_ref)
     print(body["id"])
     print(f"{body['image_count']} image(s) accepted", file=sys.stderr)
     return 0
@@ -133,9 +157,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    url = base_url(args)
+    url, http = base_url(args), http_session(args)
     started = time.monotonic()
-    body = get_job(url, args.job_id)
+    body = get_job(http, url, args.job_id)
     bar = None if args.quiet else tqdm(total=body["image_count"], unit="img", desc=body["status"])
     try:
         while True:
@@ -149,22 +173,22 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 print(f"timed out; job is {body['status']}", file=sys.stderr)
                 return 1
             time.sleep(args.interval)
-            body = get_job(url, args.job_id)
+            body = get_job(http, url, args.job_id)
     finally:
         if bar is not None:
             bar.close()
     if not args.quiet:
-        print(format_table(all_images(url, args.job_id)))
+        print(format_table(all_images(http, url, args.job_id)))
     c = body["counts"]
     print(f"job {args.job_id}: {body['status']} ({c['completed']} completed, {c['failed']} failed)")
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    url = base_url(args)
+    url, http = base_url(args), http_session(args)
     if args.csv:
-        resp = _check(requests.get(f"{url}/v1/jobs/{args.job_id}/results.csv", timeout=300))
+        resp = _check(http.get(f"{url}/v1/jobs/{args.job_id}/results.csv", timeout=300))
         sys.stdout.write(resp.text)
         return 0
-    print(format_table(all_images(url, args.job_id)))
+    print(format_table(all_images(http, url, args.job_id)))
     return 0

@@ -98,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
-    from cli import client, service
+    from cli import client, keys, service
 
     service.add_commands(sub)
     client.add_commands(sub)
+    keys.add_commands(sub)
     return parser
 
 

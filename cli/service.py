@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings, local_key_file
 
 log = logging.getLogger("cxr.serve")
 
@@ -141,6 +141,37 @@ def cmd_sweeper(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensure_local_key(settings: Settings) -> str:
+    """One-machine mode: keys stay on, and a first key is made for the local user.
+
+    It is saved (mode 0600) where the client commands find it, so ``cxr submit`` works at
+    once.  Returns the line that tells the user about authentication.
+    """
+    if settings.auth_disabled:
+        log.warning(
+            "AUTHENTICATION IS DISABLED (CXR_AUTH_DISABLED): anyone who reaches the port "
+            "can submit and read every job"
+        )
+        return "authentication: DISABLED by CXR_AUTH_DISABLED"
+    from shared.auth import create_key
+    from shared.db import make_engine, make_session_factory
+
+    path = local_key_file(settings)
+    if path.is_file():
+        return f"authentication: on; local API key in {path}"
+    engine = make_engine(settings.sqlalchemy_url)
+    with make_session_factory(engine).begin() as session:
+        _, plaintext = create_key(session, "local")
+    engine.dispose()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(plaintext + "\n")
+    return (
+        f"authentication: on; created an API key for client 'local' in {path} "
+        "(the client commands use it; `cxr keys create` makes more)"
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """One machine, no set-up: everything as child processes, stopped together on Ctrl-C."""
     from shared.migrate import upgrade
@@ -157,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
         env["CXR_REDIS_URL"] = redis.url
     upgrade(settings.sqlalchemy_url)
+    auth_note = _ensure_local_key(settings)
     me = [sys.executable, "-m", "cli.main"]
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -175,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"cxr-screen running: API http://{settings.host}:{settings.port}  "
             f"model {info.version}  data {settings.data_dir.resolve()}  "
-            f"redis {env['CXR_REDIS_URL']}  (Ctrl-C stops everything)",
+            f"redis {env['CXR_REDIS_URL']}  (Ctrl-C stops everything)\n{auth_note}",
             flush=True,
         )
         while not stopping:

@@ -120,7 +120,10 @@ def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
-        if len(data) < 64:
+        cut_short = (fmt == "jpeg" and b"\xff\xda" not in data) or (
+            fmt == "png" and b"IDAT" not in data
+        )
+        if len(data) < 64 or cut_short:
             raise TruncatedImageError(f"the {fmt.upper()} header is incomplete") from exc
         raise CorruptImageError(f"the {fmt.upper()} header cannot be read") from exc
 
@@ -129,7 +132,9 @@ def _check_complete(data: bytes, fmt: str) -> None:
     """Refuse files that stop early; decoders would fill the missing part with grey."""
     if fmt == "png" and data.rfind(b"IEND") == -1:
         raise TruncatedImageError("the PNG file ends before its IEND chunk")
-    if fmt == "jpeg" and b"\xff\xd9" not in data[-4096:]:
+    # The end-of-image marker must follow the last start-of-scan; data appended after it (some
+    # phones add a video) is allowed.
+    if fmt == "jpeg" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
         raise TruncatedImageError("the JPEG file ends before its end-of-image marker")
     if fmt == "bmp" and len(data) >= 6:
         (declared,) = struct.unpack_from("<I", data, 2)

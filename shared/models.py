@@ -11,6 +11,7 @@ import datetime as dt
 import uuid
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -73,10 +74,33 @@ class Base(DeclarativeBase):
 Timestamp = DateTime(timezone=True)
 
 
-class Job(Base):
-    __tablename__ = "jobs"
+ANONYMOUS_CLIENT = "anonymous"  # owner of every job when authentication is disabled
+
+
+class ApiKey(Base):
+    """Only the sha256 of a key is stored; keys are 256-bit random, so no slow hash is needed."""
+
+    __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    client: Mapped[str] = mapped_column(String(100), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))  # shown in listings, to tell keys apart
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("client", "idempotency_key", name="uq_jobs_client_idempotency_key"),
+        Index("ix_jobs_client_created", "client", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    client: Mapped[str] = mapped_column(String(100), default=ANONYMOUS_CLIENT)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     client_ref: Mapped[str | None] = mapped_column(String(500))
     model_version: Mapped[str] = mapped_column(String(100))
     image_count: Mapped[int] = mapped_column(Integer)

@@ -55,6 +55,8 @@ class Settings:
     api_workers: int = 2
     inference_threads: int = 0  # 0: TensorFlow's default
     log_level: str = "INFO"
+    # Every /v1 request needs an API key unless this is set (one-machine, single-user mode only)
+    auth_disabled: bool = False
 
     @property
     def blob_path(self) -> Path:
@@ -125,6 +127,7 @@ _TYPES: dict[str, type] = {
     "url": str,
     "log_level": str,
     "sweep_interval": float,
+    "auth_disabled": bool,
 }
 
 
@@ -138,6 +141,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             continue
         values[f.name] = _convert(f.name, raw, _TYPES.get(f.name, int))
     return Settings(**values).validate()  # type: ignore[arg-type]
+
+
+def local_key_file(settings: Settings) -> Path:
+    """Where ``cxr serve`` keeps the key it made for the one-machine client (mode 0600)."""
+    return settings.data_dir / "local-api-key"
 
 
 @lru_cache(maxsize=1)

@@ -135,9 +135,35 @@ def app(settings: Settings):
         service.state.engine.dispose()
 
 
+def make_key(settings: Settings, client: str, is_admin: bool = False) -> str:
+    """A real API key in the test database; returns the plaintext."""
+    from shared.auth import create_key
+    from shared.db import make_engine, make_session_factory
+
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            return create_key(session, client, is_admin)[1]
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
-def client(app):
-    return app.test_client()
+def api_key(settings: Settings) -> str:
+    return make_key(settings, "test-hospital")
+
+
+@pytest.fixture
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture
+def client(app, api_key: str):
+    """A Flask test client that sends the test client's API key."""
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
+    return test_client
 
 
 @pytest.fixture

@@ -121,7 +121,7 @@ def test_files_in_the_wrong_field(client) -> None:
     assert_error(resp, 400, "no_files")
 
 
-def test_limits(service_env, redis_url) -> None:
+def test_limits(service_env, redis_url, api_key) -> None:
     from api import create_app
     from shared.settings import load_settings
 
@@ -134,6 +134,7 @@ def test_limits(service_env, redis_url) -> None:
         }
     )
     client = create_app(settings).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
     small = png_bytes(1, height=40, width=40)
     assert_error(post_files(client, [("a.png", small)] * 3), 413, "too_many_files")
     big = b"\x89PNG\r\n\x1a\n" + b"\0" * 60000

@@ -22,7 +22,7 @@ def test_migrations_match_models(database_url: str) -> None:
         engine.dispose()
 
 
-def test_sqlite_runs_in_wal_mode(tmp_path) -> None:  # noqa: ANN001
+def test_sqlite_runs_in_wal_mode(tmp_path) -> None:
     from sqlalchemy import text
 
     engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")

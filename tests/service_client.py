@@ -1,0 +1,73 @@
+"""HTTP and database helpers for the tests that drive a running stack."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import requests
+from sqlalchemy import func, select
+
+from shared.db import make_engine, make_session_factory
+from shared.models import Image, ImageStatus, Result
+
+TERMINAL_JOB = {"completed", "completed_with_errors", "failed"}
+
+
+def submit(http: requests.Session, url: str, files: list[tuple[str, bytes]], **kw: Any) -> dict:
+    resp = http.post(
+        f"{url}/v1/jobs", files=[("files", (name, data)) for name, data in files], timeout=120, **kw
+    )
+    assert resp.status_code == 202, resp.text
+    return resp.json()
+
+
+def wait_done(http: requests.Session, url: str, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        body = http.get(f"{url}/v1/jobs/{job_id}", params={"per_page": 500}, timeout=30).json()
+        if body.get("status") in TERMINAL_JOB:
+            return body
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} not done after {timeout}s: {body.get('counts')}")
+
+
+def result_rows(database_url: str, job_id: str) -> dict[str, int]:
+    """Number of result rows per image id of a job (each must be exactly 1)."""
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = session.execute(
+                select(Result.image_id, func.count())
+                .join(Image, Image.id == Result.image_id)
+                .where(Image.job_id == job_id)
+                .group_by(Result.image_id)
+            ).all()
+            return dict(rows)
+    finally:
+        engine.dispose()
+
+
+def assert_exactly_one_outcome(database_url: str, job_ids: list[str]) -> dict[str, int]:
+    """Every image of these jobs is terminal; completed ones have exactly one result row and
+    failed ones none.  Returns the count of images per status."""
+    engine = make_engine(database_url)
+    counts: dict[str, int] = {}
+    try:
+        with make_session_factory(engine)() as session:
+            rows = session.execute(
+                select(Image.id, Image.status, func.count(Result.image_id))
+                .outerjoin(Result, Result.image_id == Image.id)
+                .where(Image.job_id.in_(job_ids))
+                .group_by(Image.id, Image.status)
+            ).all()
+    finally:
+        engine.dispose()
+    assert rows, "no images"
+    for image_id, status, n_results in rows:
+        assert status in ImageStatus.TERMINAL, f"image {image_id} ended {status}"
+        expected = 1 if status == ImageStatus.COMPLETED else 0
+        assert n_results == expected, f"image {image_id} ({status}) has {n_results} results"
+        counts[status] = counts.get(status, 0) + 1
+    return counts
