@@ -25,8 +25,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.health import bp as health_bp
     from api.images import bp as images_bp
     from api.jobs import bp as jobs_bp
+    from api.openapi import bp as openapi_bp
 
     app.register_blueprint(health_bp)
+    app.register_blueprint(openapi_bp)
     app.register_blueprint(jobs_bp, url_prefix="/v1/jobs")
     app.register_blueprint(images_bp, url_prefix="/v1/images")
     return app
