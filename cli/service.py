@@ -81,16 +81,18 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def worker_argv(concurrency: int, loglevel: str) -> list[str]:
+def worker_argv(
+    concurrency: int, loglevel: str, pool: str | None = None, app: str = "worker.celery_app"
+) -> list[str]:
     """``--pool solo`` for one process (TensorFlow never meets a fork); prefork otherwise,
     the model loaded in each child by ``worker_process_init``."""
-    pool = "solo" if concurrency == 1 else "prefork"
+    pool = pool or ("solo" if concurrency == 1 else "prefork")
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "worker.celery_app",
+        app,
         "worker",
         "--pool",
         pool,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -182,11 +183,18 @@ def live_server(app) -> Iterator[str]:
 class WorkerProcess:
     """A real ``celery worker`` process (solo pool) with its output in a log file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        name: str,
+        pool: str = "solo",
+        app: str = "worker.celery_app",
+    ) -> None:
         from cli.service import worker_argv
 
         self.log_path = log_path
-        argv = worker_argv(1, "INFO")
+        argv = worker_argv(1, "INFO", pool=pool, app=app)
         argv[argv.index("-n") + 1] = f"{name}@%h"
         full_env = {**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "ab")  # noqa: SIM115
@@ -206,6 +214,10 @@ class WorkerProcess:
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log()[-3000:]}")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def signal(self, sig: int) -> None:
         if self.process.poll() is None:
@@ -229,15 +241,46 @@ def start_worker(
     """Factory: ``start_worker()`` starts a worker on this test's stack, stopped at teardown."""
     workers: list[WorkerProcess] = []
 
-    def start(wait: bool = True, **extra_env: str) -> WorkerProcess:
+    def start(
+        wait: bool = True, pool: str = "solo", app: str = "worker.celery_app", **extra_env: str
+    ) -> WorkerProcess:
         n = len(workers) + 1
-        w = WorkerProcess({**service_env, **extra_env}, tmp_path / f"worker-{n}.log", f"w{n}")
+        env = {**service_env, **extra_env}
+        w = WorkerProcess(env, tmp_path / f"worker-{n}.log", f"w{n}", pool=pool, app=app)
         workers.append(w)
         return w.wait_ready() if wait else w
 
     yield start
     for w in workers:
         w.stop()
+
+
+@pytest.fixture
+def start_sweeper(
+    service_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Factory: a real ``cxr sweeper`` process on this test's stack."""
+    procs: list[subprocess.Popen] = []
+
+    def start(**extra_env: str) -> subprocess.Popen:
+        log = open(tmp_path / f"sweeper-{len(procs) + 1}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "sweeper"],
+            cwd=REPO,
+            env={**os.environ, **service_env, **extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="session")

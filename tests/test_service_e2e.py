@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -141,43 +136,3 @@ def test_client_commands(live_server, start_worker, api_key, tmp_path: Path, cap
     assert "completed" in out
     assert main(["results", job_id, "--csv", "--url", live_server, "--api-key", api_key]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
-
-
-def test_enqueue_failure_after_commit_is_recovered_by_the_sweeper(
-    service_env, settings, start_worker, api_key, tmp_path: Path
-) -> None:
-    """Redis is unreachable when the API enqueues: the job is accepted anyway (it is in the
-    database), and the sweeper process sends its chunks once the grace period is over."""
-    from api import create_app
-    from shared.redis_server import free_port
-    from shared.settings import load_settings
-
-    broken = load_settings({**service_env, "CXR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    api = create_app(broken).test_client()
-    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
-    resp = api.post(
-        "/v1/jobs",
-        data={"files": [(io.BytesIO(png_bytes(n)), f"{n}.png") for n in range(6)]},
-        content_type="multipart/form-data",
-    )
-    assert resp.status_code == 202
-    job_id = resp.get_json()["id"]
-    start_worker()
-    time.sleep(2)
-    assert api.get(f"/v1/jobs/{job_id}").get_json()["status"] == "queued"  # nothing was sent
-    sweeper = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "sweeper"],
-        env={**os.environ, **service_env},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            body = api.get(f"/v1/jobs/{job_id}").get_json()
-            if body["status"] == "completed":
-                break
-            time.sleep(0.5)
-        assert body["status"] == "completed", body
-        assert body["counts"]["completed"] == 6
-    finally:
-        sweeper.terminate()
-        sweeper.wait(30)
