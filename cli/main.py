@@ -21,12 +21,18 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the CNN on a folder with a manifest.csv")
     p.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
     p.add_argument("--out", type=Path, default=Path("models/cxr-cnn.npz"))
-    p.add_argument("--recipe", choices=("paper", "robust"), default="robust")
+    p.add_argument("--recipe", choices=("paper", "robust", "adult"), default="robust")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--stop-fraction",
+        type=float,
+        default=0.15,
+        help="share of training patients watched by early stopping",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-images", type=int, default=0, help="patient-level subset (quick runs)")
     p.add_argument("--quiet", action="store_true")
@@ -58,6 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             val_fraction=args.val_fraction,
+            stop_fraction=args.stop_fraction,
             seed=args.seed,
             max_images=args.max_images,
             progress=not args.quiet,

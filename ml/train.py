@@ -1,11 +1,19 @@
 """``cxr train``: the paper's CNN on a folder with a ``manifest.csv``, split by patient.
 
-Two recipes share everything but the parts that fight the source shortcut:
+The recipes share the model, the split, augmentation and optimiser; they differ only in the
+parts that fight the source shortcut (pediatric negatives from one hospital, adult positives):
 
 * ``paper``: the seed paper's preprocessing, class weights balanced between the two labels.
 * ``robust``: borders cropped (burnt-in text, frames), CLAHE contrast normalisation, and sample
   weights that give COVID-19, *adult* non-COVID and pediatric non-COVID films fixed shares of the
-  loss (0.5 / 0.3 / 0.2), so the model cannot win by telling pediatric from adult films.
+  loss (0.5 / 0.3 / 0.2), so telling pediatric from adult films pays less.
+* ``adult``: the robust preprocessing, trained on adult films only (ieee8023 + actualmed), classes
+  balanced: the pediatric shortcut is not in the training data at all.
+
+Every recipe splits the *same* way (by patient, over all sources), so all are validated on the
+same held-out patients.  Early stopping watches a second patient split carved out of the
+training patients, never the validation split, so the reported metrics are untouched by
+model selection.
 """
 
 from __future__ import annotations
@@ -25,9 +33,19 @@ from shared.imaging import DEFAULT_MAX_PIXELS, PreprocessConfig
 
 log = logging.getLogger(__name__)
 
-RECIPES: dict[str, PreprocessConfig] = {
-    "paper": PreprocessConfig(),
-    "robust": PreprocessConfig(crop_fraction=0.08, clahe=True),
+
+@dataclass(frozen=True)
+class Recipe:
+    preprocess: PreprocessConfig
+    weighting: str  # "classes": two labels balanced; "groups": ROBUST_SHARES
+    sources: tuple[str, ...] | None = None  # train only on these (None: all)
+
+
+ROBUST_PREPROCESS = PreprocessConfig(crop_fraction=0.08, clahe=True)
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(PreprocessConfig(), "classes"),
+    "robust": Recipe(ROBUST_PREPROCESS, "groups"),
+    "adult": Recipe(ROBUST_PREPROCESS, "classes", sources=ADULT_SOURCES),
 }
 ROBUST_SHARES = {"covid": 0.5, "adult-non-covid": 0.3, "pediatric-non-covid": 0.2}
 
@@ -42,6 +60,7 @@ class TrainOptions:
     batch_size: int = 32
     learning_rate: float = 3e-4
     val_fraction: float = 0.2
+    stop_fraction: float = 0.15  # of the training patients, watched by early stopping
     seed: int = 42
     max_images: int = 0  # 0: all; else a patient-level random subset (for quick runs)
     threshold: float = 0.5
@@ -55,9 +74,9 @@ def weight_group(r: Record) -> str:
     return "adult-non-covid" if r.source in ADULT_SOURCES else "pediatric-non-covid"
 
 
-def sample_weights(records: list[Record], recipe: str) -> np.ndarray:
+def sample_weights(records: list[Record], weighting: str) -> np.ndarray:
     """Per-image loss weights, normalised to mean 1."""
-    if recipe == "paper":
+    if weighting == "classes":
         keys = [str(r.label) for r in records]
         shares = dict.fromkeys(set(keys), 0.5)
     else:
@@ -117,21 +136,33 @@ def train(opts: TrainOptions) -> dict[str, Any]:
 
     if opts.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {opts.recipe!r}; choose from {sorted(RECIPES)}")
-    config = RECIPES[opts.recipe]
+    recipe = RECIPES[opts.recipe]
+    config = recipe.preprocess
     keras.utils.set_random_seed(opts.seed)
     tf.config.experimental.enable_op_determinism()
 
     manifest = opts.data / "manifest.csv"
     records = _subset(read_labels(manifest), opts.max_images, opts.seed)
     train_recs, val_recs = patient_split(records, opts.val_fraction, opts.seed)
-    assert not {r.group for r in train_recs} & {r.group for r in val_recs}
-    log.info("split: %d train / %d validation images", len(train_recs), len(val_recs))
-    train_set = load_images(opts.data, train_recs, config, opts.max_pixels, opts.progress)
+    if recipe.sources is not None:
+        train_recs = [r for r in train_recs if r.source in recipe.sources]
+    fit_recs, stop_recs = patient_split(train_recs, opts.stop_fraction, opts.seed + 1)
+    groups = [{r.group for r in part} for part in (fit_recs, stop_recs, val_recs)]
+    if groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2]:
+        raise RuntimeError("a patient is on two sides of the split")
+    log.info(
+        "split: %d fit / %d early-stopping / %d validation images",
+        len(fit_recs),
+        len(stop_recs),
+        len(val_recs),
+    )
+    train_set = load_images(opts.data, fit_recs, config, opts.max_pixels, opts.progress)
+    stop_set = load_images(opts.data, stop_recs, config, opts.max_pixels, opts.progress)
     val_set = load_images(opts.data, val_recs, config, opts.max_pixels, opts.progress)
-    for name, loaded in (("train", train_set), ("validation", val_set)):
+    for name, loaded in (("fit", train_set), ("early-stopping", stop_set), ("validation", val_set)):
         if loaded.unreadable:
             log.warning("%d unreadable %s images skipped", len(loaded.unreadable), name)
-    train_recs, val_recs = train_set.records, val_set.records
+    train_recs, stop_recs, val_recs = train_set.records, stop_set.records, val_set.records
 
     augment = keras.Sequential(
         [
@@ -143,7 +174,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         ],
         name="augment",
     )  # no flips: the heart is on the left, markers have a side
-    weights = sample_weights(train_recs, opts.recipe)
+    weights = sample_weights(train_recs, recipe.weighting)
     ds = (
         tf.data.Dataset.from_tensor_slices(
             (train_set.x, train_set.y.astype(np.float32)[:, None], weights)
@@ -163,7 +194,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auc")],
     )
-    has_val_auc = len(set(val_set.y.tolist())) == 2
+    has_val_auc = len(set(stop_set.y.tolist())) == 2
     callbacks = []
     if has_val_auc:
         callbacks.append(
@@ -173,9 +204,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         )
     history = model.fit(
         ds,
-        validation_data=(val_set.x, val_set.y.astype(np.float32)[:, None])
-        if len(val_recs)
-        else None,
+        validation_data=(
+            (stop_set.x, stop_set.y.astype(np.float32)[:, None]) if len(stop_recs) else None
+        ),
         epochs=opts.epochs,
         callbacks=callbacks,
         shuffle=False,  # the dataset shuffles itself, reproducibly
@@ -210,7 +241,10 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             "method": "patient-level, stratified by (source, label)",
             "seed": opts.seed,
             "val_fraction": opts.val_fraction,
+            "stop_fraction": opts.stop_fraction,
+            "train_sources": list(recipe.sources) if recipe.sources else "all",
             "train_images": len(train_recs),
+            "early_stopping_images": len(stop_recs),
             "val_images": len(val_recs),
             "train_patients": len({r.group for r in train_recs}),
             "val_patients": len({r.group for r in val_recs}),

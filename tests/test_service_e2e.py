@@ -136,3 +136,37 @@ def test_client_commands(live_server, start_worker, api_key, tmp_path: Path, cap
     assert "completed" in out
     assert main(["results", job_id, "--csv", "--url", live_server, "--api-key", api_key]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_no_patient_data_in_logs_or_task_messages(
+    http, live_server, start_worker, redis_url, caplog
+) -> None:
+    import base64
+    import json
+    import logging
+    import uuid
+
+    import redis as redis_lib
+
+    caplog.set_level(logging.DEBUG)
+    name, ref = "DOE^JOHN_1970-01-01_chest.png", "MRN-4455-SECRET"
+    job = submit(http, live_server, [(name, png_bytes(1))], data={"client_ref": ref})
+    messages = redis_lib.Redis.from_url(redis_url).lrange("cxr", 0, -1)
+    assert len(messages) == 1
+    raw = messages[0].decode()
+    envelope = json.loads(raw)
+    args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+    assert kwargs == {}
+    assert len(args) == 1
+    uuid.UUID(args[0])  # a chunk id, nothing else
+    assert "DOE" not in raw
+    assert ref not in raw
+
+    worker = start_worker()
+    assert wait_done(http, live_server, job["id"])["status"] == "completed"
+    logged = worker.log() + "\n".join(
+        r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
+    )
+    assert job["id"] in logged or args[0] in logged  # the logs are there, and speak in ids
+    assert "DOE" not in logged
+    assert ref not in logged

@@ -60,7 +60,7 @@ def test_robust_weights_give_fixed_shares() -> None:
         + [Record(f"a{i}", 0, "ieee8023", f"a{i}") for i in range(5)]
         + [Record(f"k{i}", 0, "kermany", f"k{i}") for i in range(65)]
     )
-    w = sample_weights(records, "robust")
+    w = sample_weights(records, "groups")
     assert w.mean() == pytest.approx(1.0)
     share = {
         "covid": w[:30].sum() / w.sum(),
@@ -68,7 +68,7 @@ def test_robust_weights_give_fixed_shares() -> None:
         "pediatric": w[35:].sum() / w.sum(),
     }
     assert share == pytest.approx({"covid": 0.5, "adult": 0.3, "pediatric": 0.2})
-    paper = sample_weights(records, "paper")
+    paper = sample_weights(records, "classes")
     assert paper[:30].sum() == pytest.approx(paper[30:].sum())
 
 
@@ -82,7 +82,8 @@ def test_tiny_training_run_writes_a_loadable_model(tmp_path: Path, capsys) -> No
     assert meta["sha256"] == sha256_file(out)
     assert meta["version"].startswith("cxr-cnn-robust-")
     assert meta["split"]["val_images"] > 0
-    assert meta["split"]["train_images"] + meta["split"]["val_images"] == 24
+    split = meta["split"]
+    assert split["train_images"] + split["early_stopping_images"] + split["val_images"] == 24
     assert meta["preprocess"] == {"crop_fraction": 0.08, "clahe": True}
     assert len(meta["training_data"]["fingerprint"]) == 64
     for key in ("accuracy", "sensitivity", "specificity", "auc"):
