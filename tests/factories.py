@@ -51,6 +51,35 @@ def zip_bytes(entries: dict[str, bytes], **zinfo: int) -> bytes:
     return buf.getvalue()
 
 
+def mark_encrypted(archive: bytes) -> bytes:
+    """Set the 'encrypted' flag on every entry (Python's zipfile cannot write encrypted zips)."""
+    data = bytearray(archive)
+    for magic, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (at := data.find(magic, start)) != -1:
+            data[at + offset] |= 0x01
+            start = at + 4
+    return bytes(data)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid, tiny PNG whose header declares ``width`` x ``height`` (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
+
+
 def make_job(
     sessions,
     blobs,

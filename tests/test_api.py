@@ -13,7 +13,14 @@ from sqlalchemy import func, select
 
 from api.extensions import service
 from shared.models import Chunk, Image
-from tests.factories import jpeg_bytes, png_bytes, truncated, zip_bytes
+from tests.factories import (
+    jpeg_bytes,
+    mark_encrypted,
+    png_bytes,
+    png_declaring,
+    truncated,
+    zip_bytes,
+)
 
 
 def post_files(client, files, **form):
@@ -91,6 +98,41 @@ def test_bad_images_fail_at_the_door_and_the_rest_is_accepted(client) -> None:
     job = client.get(resp.headers["Location"]).get_json()
     assert job["counts"] == {"queued": 1, "running": 0, "completed": 0, "failed": 3}
     assert job["status"] == "running"
+
+
+def test_bad_files_each_get_their_own_failure(client) -> None:
+    pdf = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << >>\n%%EOF\n"
+    files = [
+        ("ok.png", png_bytes(1)),
+        ("scan.png", pdf),
+        ("half.jpg", truncated(jpeg_bytes(2))),
+        ("bomb.png", png_declaring(40000, 40000)),
+        ("gif.png", b"GIF89a" + bytes(40)),
+    ]
+    assert len(files[3][1]) < 5000
+    resp = post_files(client, files)
+    assert resp.status_code == 202
+    codes = {i["filename"]: (i["error"] or {}).get("code") for i in resp.get_json()["images"]}
+    assert codes == {
+        "ok.png": None,
+        "scan.png": "not_an_image",
+        "half.jpg": "truncated_image",
+        "bomb.png": "image_too_large",
+        "gif.png": "not_an_image",
+    }
+
+
+def test_encrypted_zip_entry(client) -> None:
+    archive = mark_encrypted(zip_bytes({"a.png": png_bytes(1)}))
+    assert_error(post_files(client, [("a.zip", archive)]), 400, "encrypted_zip_entry")
+
+
+def test_empty_multipart_body(client) -> None:
+    resp = client.post("/v1/jobs", data=b"", content_type="multipart/form-data; boundary=xyz")
+    assert_error(resp, 400, "no_files")
+    resp = client.post("/v1/jobs", data=b"garbage", content_type="multipart/form-data")
+    assert resp.status_code == 400
+    assert resp.get_json()["error"]["code"] in {"no_files", "bad_request"}
 
 
 def test_all_bad_images_make_a_failed_job(client) -> None:
