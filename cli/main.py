@@ -45,6 +45,11 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roc", type=Path, help="ROC curve PNG (default: next to --json, or roc.png)")
     p.add_argument("--model", type=Path, help="model weights (.npz; default: the bundled model)")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="keep only the model's validation patients (evaluating on its own training data)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -76,20 +81,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ml.evaluate import evaluate_folder, report_lines
+    from ml.evaluate import EvaluationError, evaluate_folder, report_lines
     from shared.settings import get_settings
 
     settings = get_settings()
     model_path = args.model or settings.model_path
     roc = args.roc or (args.json.with_suffix(".roc.png") if args.json else Path("roc.png"))
-    report = evaluate_folder(
-        args.images,
-        args.labels,
-        model_path,
-        roc_path=roc,
-        max_pixels=settings.max_image_pixels,
-        n_boot=args.bootstrap,
-    )
+    try:
+        report = evaluate_folder(
+            args.images,
+            args.labels,
+            model_path,
+            roc_path=roc,
+            max_pixels=settings.max_image_pixels,
+            n_boot=args.bootstrap,
+            validation_only=args.validation_only,
+        )
+    except (EvaluationError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print("\n".join(report_lines(report)))
     if args.json:
         import json

@@ -19,6 +19,10 @@ from shared.model_store import Classifier
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc")
 
 
+class EvaluationError(ValueError):
+    """The evaluation cannot give honest numbers (e.g. the labels list training patients)."""
+
+
 def evaluate_folder(
     images: Path,
     labels: Path,
@@ -26,10 +30,29 @@ def evaluate_folder(
     roc_path: Path | None = None,
     max_pixels: int = 50_000_000,
     n_boot: int = 1000,
+    validation_only: bool = False,
 ) -> dict[str, Any]:
+    """Metrics of the model at ``model_path`` on a labelled folder.
+
+    Images of patients the model was trained on are never scored as validation: with
+    ``validation_only`` only the model's validation patients are kept, and otherwise any
+    training patient in the labels is an error (no metric on training images).
+    """
     classifier = Classifier.load(model_path)
     threshold = classifier.info.threshold
     records = read_labels(labels)
+    split = classifier.info.metadata.get("split", {})
+    if validation_only:
+        val_ids = set(split.get("val_patient_ids", []))
+        if not val_ids:
+            raise EvaluationError("the model's metadata lists no validation patients")
+        records = [r for r in records if r.group in val_ids]
+    trained_on = set(split.get("train_patient_ids", [])) & {r.patient for r in records if r.patient}
+    if trained_on:
+        raise EvaluationError(
+            f"{len(trained_on)} patient(s) in {labels} were in this model's training data; "
+            "metrics on them would not be a validation (use --validation-only, or other images)"
+        )
     loaded = load_images(images, records, classifier.info.preprocess, max_pixels)
     probs = classifier.predict(loaded.x) if len(loaded.records) else np.zeros(0)
     y = loaded.y
@@ -40,6 +63,7 @@ def evaluate_folder(
         "unreadable": [{"file": f, "error": code} for f, code in loaded.unreadable],
         "threshold": threshold,
         "model_version": classifier.info.version,
+        "validation_only": validation_only,
     }
     overall = metric_block(y, probs, groups, threshold, n_boot)
     for name in METRIC_NAMES:

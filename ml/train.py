@@ -249,6 +249,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             "train_patients": len({r.group for r in train_recs}),
             "val_patients": len({r.group for r in val_recs}),
             "val_patient_ids": sorted({r.group for r in val_recs}),
+            # every patient the model saw (fit + early stopping): `cxr evaluate` refuses to
+            # count them as validation
+            "train_patient_ids": sorted(
+                {r.group for r in train_recs} | {r.group for r in stop_recs}
+            ),
         },
         "training": {
             "epochs_run": len(history.history["loss"]),

@@ -242,3 +242,40 @@ def test_brightness_model_separates_perfectly(
     assert r["by_source"]["srcC"]["auc"]["value"] is None
     assert r["confusion"]["fp"] == r["confusion"]["fn"] == 0
     assert (tmp_path / "report.roc.png").is_file()
+
+
+def _model_with_split(keras_model: Any, path: Path, train: list[str], val: list[str]) -> Path:
+    constant_model(keras_model, path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["split"] = {"train_patient_ids": train, "val_patient_ids": val}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_training_patients_are_refused(
+    keras_model: Any, dataset: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder, labels = dataset
+    patients = sorted({row[3] for row in ROWS})
+    model = _model_with_split(keras_model, tmp_path / "m.npz", patients[:1], patients[1:])
+    argv = [
+        "evaluate",
+        "--images",
+        str(folder),
+        "--labels",
+        str(labels),
+        "--model",
+        str(model),
+        "--bootstrap",
+        "50",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    assert main(argv) == 2
+    assert "training data" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+    assert main([*argv, "--validation-only"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    kept = [row for row in ROWS if row[3] in patients[1:]]
+    assert report["n"] == len(kept)
+    assert report["validation_only"] is True
