@@ -18,6 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024  # text fields; files spool to disk
+    app.config["MAX_FORM_PARTS"] = settings.max_files_per_job + 16  # one part per file
     app.json.sort_keys = False
     service.init_app(app, settings)
     register_error_handlers(app)

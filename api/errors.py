@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,23 @@ def register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         if status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
-            return error_response(413, "request_too_large", f"the request exceeds {limit} bytes")
+            return error_response(
+                413,
+                "request_too_large",
+                f"the request is larger than {limit} bytes or has too many parts",
+            )
         return error_response(status, _HTTP_CODES.get(status, "http_error"), exc.description or "")
+
+    @app.errorhandler(OperationalError)
+    def _database_down(exc: OperationalError) -> tuple[Response, int]:
+        log.warning("database unavailable (%s)", type(exc.orig).__name__)
+        response, status = error_response(
+            503, "database_unavailable", "the database is unavailable; retry shortly"
+        )
+        response.headers["Retry-After"] = "5"
+        return response, status
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error")
+        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
         return error_response(500, "internal_error", "an unexpected error occurred")

@@ -17,7 +17,7 @@ from api.auth import authenticate, current_principal
 from api.errors import APIError
 from api.extensions import service
 from api.queries import DEFAULT_PER_PAGE, image_dict, image_page, int_arg, job_summary, parse_id
-from api.uploads import collect_uploads
+from api.uploads import iter_uploads
 from shared.imaging import ImageError, check_header
 from shared.models import Chunk, Image, ImageStatus, Job, Result, new_id
 from shared.queue import enqueue_chunks
@@ -85,27 +85,23 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         if existing is not None:
             return _replay(existing.id)
     client_ref = request.form.get("client_ref")
-    if client_ref is not None and len(client_ref) > MAX_CLIENT_REF:
-        raise APIError(400, "invalid_parameter", f"client_ref is longer than {MAX_CLIENT_REF}")
-    uploads = collect_uploads(request.files.getlist("files"), settings)
+    if client_ref is not None:
+        if len(client_ref) > MAX_CLIENT_REF:
+            raise APIError(400, "invalid_parameter", f"client_ref is longer than {MAX_CLIENT_REF}")
+        if any(not ch.isprintable() for ch in client_ref):
+            raise APIError(400, "invalid_parameter", "client_ref holds control characters")
 
-    job = Job(
-        id=new_id(),
-        client=principal.client,
-        idempotency_key=idempotency_key,
-        client_ref=client_ref,
-        model_version=state.model.version,
-        image_count=len(uploads),
-    )
+    job_id = new_id()
     images: list[Image] = []
     valid: list[Image] = []
-    for position, upload in enumerate(uploads):
+    # Each file is stored (durably, before we answer) and let go before the next is read.
+    for position, upload in enumerate(iter_uploads(request.files.getlist("files"), settings)):
         image = Image(
             id=new_id(),
-            job_id=job.id,
+            job_id=job_id,
             position=position,
             filename=upload.filename,
-            blob_key=state.blobs.put(upload.data),  # durable before we answer
+            blob_key=state.blobs.put(upload.data),
             size_bytes=len(upload.data),
             status=ImageStatus.QUEUED,
         )
@@ -116,6 +112,14 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             image.status = ImageStatus.FAILED
             image.error_code, image.error_message = exc.code, exc.message
         images.append(image)
+    job = Job(
+        id=job_id,
+        client=principal.client,
+        idempotency_key=idempotency_key,
+        client_ref=client_ref,
+        model_version=state.model.version,
+        image_count=len(images),
+    )
 
     chunks = [
         Chunk(id=new_id(), job_id=job.id)

@@ -1,15 +1,19 @@
-"""Turning a multipart request into a list of named files, zips expanded, limits enforced.
+"""Turning a multipart request into named files, one at a time, zips expanded, limits enforced.
 
 Every refusal is an :class:`APIError` with a specific code.  Limits are checked while reading,
-never after: a file or zip entry is read at most ``limit + 1`` bytes, whatever its header says.
+never after: a file or zip entry is read at most ``limit + 1`` bytes, whatever its header says,
+a zip's entries are counted before any is read, and one byte budget covers the whole request
+(zips expanded).  Files are yielded one by one so the caller can store each and let it go.
 """
 
 from __future__ import annotations
 
 import io
+import lzma
 import stat
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -28,6 +32,28 @@ MAX_FILENAME = 255
 class Upload:
     filename: str
     data: bytes
+
+
+@dataclass
+class Budget:
+    """What one request may hold: files, and bytes once its zips are expanded."""
+
+    max_files: int
+    max_bytes: int
+    files: int = 0
+    bytes: int = 0
+
+    def take_files(self, n: int) -> None:
+        self.files += n
+        if self.files > self.max_files:
+            raise APIError(413, "too_many_files", f"a job may hold at most {self.max_files} images")
+
+    def take_bytes(self, n: int) -> None:
+        self.bytes += n
+        if self.bytes > self.max_bytes:
+            raise APIError(
+                413, "request_too_large", f"the request expands beyond {self.max_bytes} bytes"
+            )
 
 
 def clean_filename(name: str | None, fallback: str) -> str:
@@ -49,18 +75,34 @@ def _read_limited(stream: IO[bytes], limit: int, name: str) -> bytes:
     return data
 
 
-def _zip_entries(data: bytes, zip_name: str, settings: Settings) -> Iterator[Upload]:
+READ_ERRORS = (
+    zipfile.BadZipFile,
+    RuntimeError,
+    NotImplementedError,
+    EOFError,
+    OSError,
+    ValueError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+
+def _zip_entries(
+    data: bytes, zip_name: str, settings: Settings, budget: Budget
+) -> Iterator[Upload]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+    except READ_ERRORS as exc:
         raise APIError(400, "invalid_zip", f"{zip_name!r} is not a readable zip archive") from exc
-    total = 0
     with archive:
+        budget.take_files(sum(1 for info in infos if not info.is_dir()))
         for info in infos:
             if info.is_dir():
                 continue
             path = PurePosixPath(info.filename.replace("\\", "/"))
+            if not path.parts:
+                continue
             if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
                 raise APIError(
                     400, "unsafe_zip_entry", f"zip entry {info.filename!r} escapes the archive"
@@ -90,44 +132,32 @@ def _zip_entries(data: bytes, zip_name: str, settings: Settings) -> Iterator[Upl
             try:
                 with archive.open(info) as member:
                     content = _read_limited(member, settings.max_file_bytes, info.filename)
-            except (
-                zipfile.BadZipFile,
-                RuntimeError,
-                NotImplementedError,
-                EOFError,
-                OSError,
-            ) as exc:
+            except READ_ERRORS as exc:
                 raise APIError(
                     400, "invalid_zip", f"zip entry {info.filename!r} cannot be read"
                 ) from exc
-            total += len(content)
-            if total > settings.max_request_bytes:
-                raise APIError(
-                    413,
-                    "request_too_large",
-                    f"{zip_name!r} expands beyond {settings.max_request_bytes} bytes",
-                )
+            budget.take_bytes(len(content))
             if content.startswith(ZIP_MAGIC):
                 raise APIError(400, "nested_zip", f"zip entry {info.filename!r} is itself a zip")
             yield Upload(clean_filename(str(path), f"entry-{len(content)}"), content)
 
 
-def collect_uploads(files: list[FileStorage], settings: Settings) -> list[Upload]:
-    """The files of a submission, zips expanded, in the order they were sent."""
-    uploads: list[Upload] = []
+def iter_uploads(files: list[FileStorage], settings: Settings) -> Iterator[Upload]:
+    """The files of a submission, zips expanded, in the order they were sent, one at a time."""
+    budget = Budget(max_files=settings.max_files_per_job, max_bytes=settings.max_request_bytes)
+    sent = 0
     for n, storage in enumerate(files):
         name = clean_filename(storage.filename, f"file-{n + 1}")
         data = _read_limited(storage.stream, settings.max_file_bytes, name)
         if data.startswith(ZIP_MAGIC) or name.lower().endswith(".zip"):
             if not data.startswith(ZIP_MAGIC):
                 raise APIError(400, "invalid_zip", f"{name!r} is not a readable zip archive")
-            uploads.extend(_zip_entries(data, name, settings))
+            for upload in _zip_entries(data, name, settings, budget):
+                sent += 1
+                yield upload
         else:
-            uploads.append(Upload(name, data))
-        if len(uploads) > settings.max_files_per_job:
-            raise APIError(
-                413, "too_many_files", f"a job may hold at most {settings.max_files_per_job} images"
-            )
-    if not uploads:
+            budget.take_files(1)
+            sent += 1
+            yield Upload(name, data)
+    if not sent:
         raise APIError(400, "no_files", "send one or more images (or a zip) in the field 'files'")
-    return uploads

@@ -22,8 +22,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
     p.add_argument("--out", type=Path, default=Path("models/cxr-cnn.npz"))
     p.add_argument("--recipe", choices=("paper", "robust", "adult"), default="robust")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--warmup-epochs", type=int, default=5, help="early stopping ignores these")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -66,6 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             recipe=args.recipe,
             epochs=args.epochs,
             patience=args.patience,
+            warmup_epochs=args.warmup_epochs,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             val_fraction=args.val_fraction,
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("CXR_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

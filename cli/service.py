@@ -84,9 +84,10 @@ def cmd_api(args: argparse.Namespace) -> int:
 def worker_argv(
     concurrency: int, loglevel: str, pool: str | None = None, app: str = "worker.celery_app"
 ) -> list[str]:
-    """``--pool solo`` for one process (TensorFlow never meets a fork); prefork otherwise,
-    the model loaded in each child by ``worker_process_init``."""
-    pool = pool or ("solo" if concurrency == 1 else "prefork")
+    """A prefork pool, also for one process: only it enforces the task time limit and survives
+    a child that dies.  The parent never imports TensorFlow; each child loads the model in
+    ``worker_process_init``."""
+    pool = pool or "prefork"
     return [
         sys.executable,
         "-m",

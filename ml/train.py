@@ -55,8 +55,9 @@ class TrainOptions:
     data: Path
     out: Path
     recipe: str = "robust"
-    epochs: int = 30
-    patience: int = 6
+    epochs: int = 40
+    patience: int = 8
+    warmup_epochs: int = 5  # early stopping ignores these (a noisy AUC at epoch 1 must not win)
     batch_size: int = 32
     learning_rate: float = 3e-4
     val_fraction: float = 0.2
@@ -199,7 +200,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if has_val_auc:
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_auc", mode="max", patience=opts.patience, restore_best_weights=True
+                monitor="val_auc",
+                mode="max",
+                patience=opts.patience,
+                start_from_epoch=opts.warmup_epochs,
+                restore_best_weights=True,
             )
         )
     history = model.fit(
@@ -218,9 +223,10 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         np.asarray(model(val_set.x, training=False)).reshape(-1) if len(val_recs) else np.zeros(0)
     )
     validation = evaluate_split(val_recs, probs, opts.threshold) if len(val_recs) else {}
+    stopper = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
     best_epoch = (
-        int(np.argmax(history.history["val_auc"])) + 1
-        if has_val_auc
+        stopper.best_epoch + 1
+        if stopper is not None and stopper.best_weights is not None
         else len(history.history["loss"])
     )
     today = dt.datetime.now(dt.UTC)
@@ -258,6 +264,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "training": {
             "epochs_run": len(history.history["loss"]),
             "best_epoch": best_epoch,
+            "patience": opts.patience,
+            "warmup_epochs": opts.warmup_epochs,
             "batch_size": opts.batch_size,
             "learning_rate": opts.learning_rate,
             "max_images": opts.max_images,

@@ -26,6 +26,7 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine; SQLite gets WAL, a busy timeout and foreign keys, for many processes."""
+    kwargs.setdefault("hide_parameters", True)  # error logs must not carry filenames
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -44,6 +45,19 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if url.startswith("postgresql"):
+        # a half-open socket must fail within seconds, not hang a task past its time limit
+        kwargs.setdefault(
+            "connect_args",
+            {
+                "connect_timeout": 10,
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+                "options": "-c statement_timeout=60000",
+            },
+        )
     return create_engine(url, **kwargs)
 
 

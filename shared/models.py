@@ -99,7 +99,9 @@ class Job(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    client: Mapped[str] = mapped_column(String(100), default=ANONYMOUS_CLIENT)
+    client: Mapped[str] = mapped_column(
+        String(100), default=ANONYMOUS_CLIENT, server_default=ANONYMOUS_CLIENT
+    )
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     client_ref: Mapped[str | None] = mapped_column(String(500))
     model_version: Mapped[str] = mapped_column(String(100))

@@ -34,6 +34,8 @@ def make_celery(settings: Settings, name: str = "cxr") -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # a pool child loads TensorFlow and the model before it reports up: allow for that
+        worker_proc_alive_timeout=120,
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},

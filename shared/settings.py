@@ -7,6 +7,7 @@ same variable means the same thing everywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,10 +85,18 @@ class Settings:
             "lease_seconds",
             "worker_concurrency",
             "api_workers",
+            "enqueue_grace_seconds",
+            "retry_backoff_max",
+            "embedded_redis_port",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"CXR_{name.upper()} must be > 0")
+        if not (math.isfinite(self.sweep_interval) and self.sweep_interval > 0):
+            raise SettingsError("CXR_SWEEP_INTERVAL must be a positive number of seconds")
+        for name in ("port", "embedded_redis_port"):
+            if getattr(self, name) > 65535:
+                raise SettingsError(f"CXR_{name.upper()} must be a port number (1-65535)")
         if self.visibility_timeout < 2 * self.task_time_limit:
             raise SettingsError(
                 "CXR_VISIBILITY_TIMEOUT must be at least twice CXR_TASK_TIME_LIMIT, "

@@ -3,6 +3,7 @@ reachable), the Flask app, a live HTTP server and Celery worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -181,14 +182,14 @@ def live_server(app) -> Iterator[str]:
 
 
 class WorkerProcess:
-    """A real ``celery worker`` process (solo pool) with its output in a log file."""
+    """A real ``celery worker`` process (prefork pool by default) with its output in a log file."""
 
     def __init__(
         self,
         env: dict[str, str],
         log_path: Path,
         name: str,
-        pool: str = "solo",
+        pool: str | None = None,
         app: str = "worker.celery_app",
     ) -> None:
         from cli.service import worker_argv
@@ -199,7 +200,12 @@ class WorkerProcess:
         full_env = {**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            argv, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+            argv,
+            cwd=REPO,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: see kill_all()
         )
 
     def log(self) -> str:
@@ -219,6 +225,24 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def children(self) -> list[int]:
+        """Pids of the pool processes (Linux: read from /proc)."""
+        pids = []
+        for stat_file in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat_file.parent.name))
+        return pids
+
+    def kill_all(self) -> None:
+        """SIGKILL the worker and its pool children at once, as a lost host or container."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
     def signal(self, sig: int) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -230,6 +254,8 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # no orphaned pool children
         self._log.close()
         return self.process.returncode
 
@@ -242,7 +268,7 @@ def start_worker(
     workers: list[WorkerProcess] = []
 
     def start(
-        wait: bool = True, pool: str = "solo", app: str = "worker.celery_app", **extra_env: str
+        wait: bool = True, pool: str | None = None, app: str = "worker.celery_app", **extra_env: str
     ) -> WorkerProcess:
         n = len(workers) + 1
         env = {**service_env, **extra_env}

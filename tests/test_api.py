@@ -326,3 +326,43 @@ def test_readyz_reports_redis_down(service_env) -> None:
     resp = create_app(settings).test_client().get("/readyz")
     assert resp.status_code == 503
     assert resp.get_json()["checks"]["redis"].startswith("error")
+
+
+def test_client_ref_with_control_characters(client) -> None:
+    resp = post_files(client, [("a.png", png_bytes(1))], client_ref="ward\x007")
+    assert_error(resp, 400, "invalid_parameter")
+
+
+@pytest.mark.parametrize("name", [".", "./", "a/../../b.png"])
+def test_odd_zip_entry_names(client, name) -> None:
+    resp = post_files(client, [("a.zip", zip_bytes({name: png_bytes(1), "ok.png": png_bytes(2)}))])
+    assert resp.status_code in {202, 400}
+    if resp.status_code == 400:
+        assert resp.get_json()["error"]["code"] == "unsafe_zip_entry"
+
+
+def test_corrupt_deflate_data_in_a_zip(client) -> None:
+    archive = bytearray(zip_bytes({"a.png": png_bytes(1, height=200, width=200)}))
+    start = archive.index(b"a.png") + len("a.png")
+    archive[start + 10 : start + 60] = b"\xff" * 50  # compressed stream destroyed
+    assert_error(post_files(client, [("a.zip", bytes(archive))]), 400, "invalid_zip")
+
+
+def test_more_files_than_flask_default_form_parts(client) -> None:
+    tiny = png_bytes(1, height=2, width=2)
+    resp = post_files(client, [(f"{n}.png", tiny) for n in range(1100)])
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["image_count"] == 1100
+
+
+def test_database_down_is_a_503(service_env) -> None:
+    from api import create_app
+    from shared.redis_server import free_port
+    from shared.settings import load_settings
+
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere"
+    app = create_app(load_settings({**service_env, "CXR_DATABASE_URL": url}))
+    resp = app.test_client().get(
+        f"/v1/jobs/{uuid.uuid4()}", headers={"Authorization": "Bearer cxr_something"}
+    )
+    assert_error(resp, 503, "database_unavailable")

@@ -80,6 +80,11 @@ def test_settings_defaults_and_environment(tmp_path: Path) -> None:
         },
         {"CXR_REDIS_URL": "http://localhost"},
         {"CXR_LOG_LEVEL": "LOUD"},
+        {"CXR_SWEEP_INTERVAL": "0"},
+        {"CXR_SWEEP_INTERVAL": "nan"},
+        {"CXR_SWEEP_INTERVAL": "inf"},
+        {"CXR_PORT": "70000"},
+        {"CXR_ENQUEUE_GRACE_SECONDS": "-1"},
     ],
 )
 def test_invalid_settings_are_refused_at_start(env: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ database.  Run them alone with ``pytest -m fault``.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -97,6 +98,10 @@ class Db:
                 .limit(1)
             ).all()
 
+    def chunks(self, job_id: str) -> list[Chunk]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Chunk).where(Chunk.job_id == job_id)))
+
     def images(self, job_id: str) -> list[Image]:
         with self.sessions() as s:
             return list(s.scalars(select(Image).where(Image.job_id == job_id)))
@@ -114,14 +119,28 @@ def test_worker_killed_mid_chunk(client, db, database_url, start_worker, start_s
     start_sweeper()
     job = submit(client, big_films(24))
     victim = wait_for(db.running_chunk, 60, "a chunk in progress")
-    first.signal(signal.SIGKILL)
-    first.process.wait(10)
+    first.kill_all()
     assert db.chunk(victim).status == ChunkStatus.RUNNING  # killed in the middle of it
     start_worker()
     wait_for(lambda: db.done([job]), 120, "the job to drain")
     counts = assert_exactly_one_outcome(database_url, [job])
     assert counts == {ImageStatus.COMPLETED: 24}
     assert db.chunk(victim).attempts >= 2
+
+
+def test_pool_child_killed_mid_chunk(client, db, database_url, start_worker) -> None:
+    """Only the pool process dies (OOM killer, segfault): the worker requeues at once."""
+    worker = start_worker()
+    job = submit(client, big_films(18))
+    victim = wait_for(db.running_chunk, 60, "a chunk in progress")
+    children = worker.children()
+    assert children, "no pool child found"
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: db.done([job]), 120, "the job to drain")
+    assert assert_exactly_one_outcome(database_url, [job]) == {ImageStatus.COMPLETED: 18}
+    assert db.chunk(victim).attempts >= 2
+    assert worker.alive
 
 
 def test_worker_warm_shutdown_finishes_its_chunk(client, db, database_url, start_worker) -> None:
@@ -135,7 +154,8 @@ def test_worker_warm_shutdown_finishes_its_chunk(client, db, database_url, start
     start_worker()
     wait_for(lambda: db.done([job]), 120, "the job to drain")
     assert assert_exactly_one_outcome(database_url, [job]) == {ImageStatus.COMPLETED: 24}
-    assert max(i.attempts for i in db.images(job)) == 1  # nothing was processed twice
+    assert max(i.attempts for i in db.images(job)) == 0  # no attempt was interrupted
+    assert {c.attempts for c in db.chunks(job)} == {1}  # every chunk was processed once
 
 
 @pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])

@@ -8,7 +8,7 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import func, select
 
-from shared.db import make_engine, make_session_factory, utcnow
+from shared.db import as_utc, make_engine, make_session_factory, utcnow
 from shared.model_store import Classifier
 from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
 from shared.queue import QUEUE, make_celery
@@ -92,13 +92,13 @@ def test_image_out_of_attempts_fails_and_the_rest_completes(stack, settings) -> 
     _, (chunk_id,), ids = make_job(
         sessions, blobs, [png_bytes(n) for n in range(3)], status=ChunkStatus.RUNNING, attempts=2
     )
-    with sessions.begin() as session:
+    with sessions.begin() as session:  # interrupted max_attempts - 1 times, and once more now
         poison = session.get(Image, ids[1])
-        poison.status, poison.attempts = ImageStatus.RUNNING, settings.max_attempts
+        poison.status, poison.attempts = ImageStatus.RUNNING, settings.max_attempts - 1
     outcome = run(chunk_id)
     assert (outcome.completed, outcome.failed) == (2, 1)
     states = statuses(sessions, ids)
-    assert states[1][:2] == (ImageStatus.FAILED, TOO_MANY_ATTEMPTS)
+    assert states[1] == (ImageStatus.FAILED, TOO_MANY_ATTEMPTS, settings.max_attempts)
     assert states[0][0] == states[2][0] == ImageStatus.COMPLETED
     assert result_count(sessions, ids) == 2
 
@@ -166,3 +166,90 @@ def test_sweeper_recovers_messages_lost_with_redis_only_when_the_queue_is_idle(
     client.delete(QUEUE)  # Redis lost everything
     assert sweep(make_celery(settings), sessions, settings) == 1
     assert queue_length(redis_url) == 1
+
+
+def test_two_executions_of_one_chunk_at_once_store_each_result_once(
+    stack, settings, classifier
+) -> None:
+    """B claims the chunk while A holds it (a redelivery racing a slow worker): B finishes
+    everything, A finds nothing left to write; one result per image, chunk done."""
+    sessions, blobs, run = stack
+    _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(n) for n in range(4)])
+    inner: list = []
+
+    def classifier_with_a_race():  # called by A after its claim, before it classifies
+        if not inner:
+            inner.append(run(chunk_id))  # B, start to finish
+        return classifier
+
+    a = process_chunk(chunk_id, sessions, blobs, classifier_with_a_race, settings)
+    b = inner[0]
+    assert b.completed == 4
+    assert a.completed == 0
+    assert result_count(sessions, ids) == 4
+    assert {s[0] for s in statuses(sessions, ids)} == {ImageStatus.COMPLETED}
+    with sessions() as session:
+        assert session.get(Chunk, chunk_id).status == ChunkStatus.DONE
+
+
+class FlakyBlobs:
+    """A blob store whose reads fail (as a network volume might) until ``heal()``."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.broken = inner, True
+
+    def put(self, data: bytes) -> str:
+        return self.inner.put(data)
+
+    def get(self, key: str) -> bytes:
+        if self.broken:
+            raise OSError("storage unavailable")
+        return self.inner.get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+
+def test_transient_error_is_not_counted_as_an_interruption(stack, settings, classifier) -> None:
+    from worker.processing import release
+
+    sessions, blobs, _ = stack
+    _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(n) for n in range(3)])
+    flaky = FlakyBlobs(blobs)
+    for _ in range(settings.max_attempts + 1):  # more failures than attempts allowed
+        with pytest.raises(OSError, match="storage unavailable"):
+            process_chunk(chunk_id, sessions, flaky, lambda: classifier, settings)
+        release(sessions, chunk_id)
+        assert {s[0] for s in statuses(sessions, ids)} == {ImageStatus.QUEUED}
+    flaky.broken = False
+    outcome = process_chunk(chunk_id, sessions, flaky, lambda: classifier, settings)
+    assert outcome.completed == 3
+    assert [s[2] for s in statuses(sessions, ids)] == [0, 0, 0]
+
+
+def test_chunk_done_only_when_all_its_images_are(stack) -> None:
+    from worker.processing import _finish
+
+    sessions, blobs, _ = stack
+    _, (chunk_id,), ids = make_job(
+        sessions, blobs, [png_bytes(1), png_bytes(2)], status=ChunkStatus.RUNNING
+    )
+    with sessions.begin() as session:
+        session.get(Image, ids[0]).status = ImageStatus.COMPLETED
+        assert not _finish(session, chunk_id)
+        session.get(Image, ids[1]).status = ImageStatus.FAILED
+        assert _finish(session, chunk_id)
+
+
+def test_sweeper_resends_chunks_queued_longer_than_the_visibility_timeout(
+    stack, settings, redis_url
+) -> None:
+    sessions, blobs, _ = stack
+    long_ago = utcnow() - dt.timedelta(seconds=settings.visibility_timeout + 5)
+    _, (lost,), _ = make_job(
+        sessions, blobs, [png_bytes(1)], created_at=long_ago, enqueued_at=long_ago
+    )
+    redis_lib.Redis.from_url(redis_url).lpush(QUEUE, b"a busy queue")
+    assert sweep(make_celery(settings), sessions, settings) == 1
+    with sessions() as session:
+        assert as_utc(session.get(Chunk, lost).enqueued_at) > long_ago

@@ -1,21 +1,30 @@
 """Processing one chunk: claim it, decode its images, classify them in one batch, store.
 
-Idempotent by construction: images already terminal are skipped, results are upserted keyed by
-image id, and the chunk is marked done in the same transaction as its results.  On a
-redelivery (the chunk was claimed before, so a worker may have died on one of its images) the
-images are processed one at a time, each attempt committed first, so an image that kills its
-process only spends its own attempts and ends ``failed`` after ``max_attempts``.
+Every state change is a conditional UPDATE on the row's current status, so two executions of
+the same chunk (a redelivery racing a slow worker) cannot undo each other's work:
+
+* an image becomes ``completed`` only from a non-terminal status, and its result row is upserted
+  in the same transaction, only when that transition happened: exactly one result per image;
+* an image becomes ``failed`` only from a non-terminal status;
+* a chunk becomes ``done`` only when none of its images is still non-terminal.
+
+``attempts`` counts *interrupted* attempts: an image found ``running`` when a chunk is claimed
+was being processed by an execution that never finished (its worker died or timed out).  After
+such an interruption the chunk is processed image by image, each marked ``running`` in its own
+commit before it is decoded, so an image that kills its process only spends its own attempts and
+ends ``failed`` (``too_many_attempts``) after ``max_attempts``.  A transient error (database,
+storage) is not an interruption: the images are released back to ``queued`` before the retry.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import insert_for, utcnow
@@ -23,11 +32,15 @@ from shared.imaging import ImageError, preprocess
 from shared.model_store import Classifier
 from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
 from shared.settings import Settings
-from shared.storage import BlobNotFoundError, BlobStore
+from shared.storage import BlobCorruptError, BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)
 
 TOO_MANY_ATTEMPTS = "too_many_attempts"
+NOT_TERMINAL = Image.status.not_in(ImageStatus.TERMINAL)
+#: A chunk claimed this many times (redeliveries and retries together) gives up on the images
+#: it still holds: a safety net against a fault that is neither transient nor a crash.
+MAX_CHUNK_CLAIMS = 30
 
 
 @dataclass
@@ -37,100 +50,129 @@ class ChunkOutcome:
     skipped: int = 0
 
 
-def _fail(session: Session, image_id: str, code: str, message: str) -> None:
-    session.execute(
+def _fail(
+    session: Session, image_ids: Sequence[str], code: str, message: str, **extra: object
+) -> int:
+    """Mark non-terminal images failed; returns how many changed."""
+    if not image_ids:
+        return 0
+    result = session.execute(
         update(Image)
-        .where(Image.id == image_id, Image.status.not_in(ImageStatus.TERMINAL))
+        .where(Image.id.in_(image_ids), NOT_TERMINAL)
         .values(
             status=ImageStatus.FAILED,
             error_code=code,
             error_message=message[:500],
             finished_at=utcnow(),
+            **extra,
         )
     )
+    return result.rowcount
 
 
-def _store_results(
-    session: Session, classifier: Classifier, ids: list[str], probs: np.ndarray
-) -> None:
+def _complete(session: Session, classifier: Classifier, image_id: str, probability: float) -> bool:
+    """Non-terminal -> completed, with its result row, atomically; False if it was terminal."""
     now = utcnow()
+    changed = session.execute(
+        update(Image)
+        .where(Image.id == image_id, NOT_TERMINAL)
+        .values(status=ImageStatus.COMPLETED, error_code=None, error_message=None, finished_at=now)
+    ).rowcount
+    if not changed:
+        return False
     info = classifier.info
-    for image_id, prob in zip(ids, probs, strict=True):
-        p = float(prob)
-        stmt = insert_for(session, Result.__table__).values(
-            image_id=image_id,
-            probability=p,
-            label=info.label(p),
-            model_version=info.version,
-            created_at=now,
-        )
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["image_id"],
-                set_={
-                    "probability": p,
-                    "label": info.label(p),
-                    "model_version": info.version,
-                    "created_at": now,
-                },
-            )
-        )
-        session.execute(
-            update(Image)
-            .where(Image.id == image_id)
-            .values(
-                status=ImageStatus.COMPLETED, error_code=None, error_message=None, finished_at=now
-            )
-        )
+    values = {
+        "probability": probability,
+        "label": info.label(probability),
+        "model_version": info.version,
+        "created_at": now,
+    }
+    stmt = insert_for(session, Result.__table__).values(image_id=image_id, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=["image_id"], set_=values))
+    return True
 
 
-def _claim(session: Session, chunk_id: str, settings: Settings) -> tuple[Chunk, list[Image]] | None:
-    chunk = session.get(Chunk, chunk_id)
-    if chunk is None or chunk.status == ChunkStatus.DONE:
+def _claim(session: Session, chunk_id: str, settings: Settings) -> int | None:
+    """Take the chunk (unless done) and extend its lease; returns its claim count."""
+    now = utcnow()
+    changed = session.execute(
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.status != ChunkStatus.DONE)
+        .values(
+            status=ChunkStatus.RUNNING,
+            attempts=Chunk.attempts + 1,
+            started_at=now,
+            lease_expires_at=now + dt.timedelta(seconds=settings.lease_seconds),
+        )
+    ).rowcount
+    if not changed:
         return None
-    now = utcnow()
-    chunk.status = ChunkStatus.RUNNING
-    chunk.attempts += 1
-    chunk.started_at = now
-    chunk.lease_expires_at = now + dt.timedelta(seconds=settings.lease_seconds)
-    images = list(
-        session.scalars(
-            select(Image)
-            .where(Image.chunk_id == chunk_id, Image.status.not_in(ImageStatus.TERMINAL))
-            .order_by(Image.position)
+    return session.scalar(select(Chunk.attempts).where(Chunk.id == chunk_id))
+
+
+def _start(
+    session: Session, chunk_id: str, claims: int, settings: Settings, outcome: ChunkOutcome
+) -> tuple[list[str], bool]:
+    """Count interruptions, fail images out of attempts; returns (pending ids, isolate)."""
+    rows = session.execute(
+        select(Image.id, Image.status, Image.attempts)
+        .where(Image.chunk_id == chunk_id, NOT_TERMINAL)
+        .order_by(Image.position)
+    ).all()
+    if claims > MAX_CHUNK_CLAIMS:
+        outcome.failed += _fail(
+            session,
+            [r.id for r in rows],
+            TOO_MANY_ATTEMPTS,
+            f"the chunk was attempted {claims} times without finishing",
         )
-    )
-    return chunk, images
-
-
-def _begin_attempt(session: Session, images: list[Image], settings: Settings) -> list[Image]:
-    """Count an attempt on each image; those out of attempts end failed. Returns the rest."""
-    live = []
-    now = utcnow()
-    for image in images:
-        if image.attempts >= settings.max_attempts:
-            image.status = ImageStatus.FAILED
-            image.error_code = TOO_MANY_ATTEMPTS
-            image.error_message = (
-                f"processing was interrupted {image.attempts} times "
-                "(the worker died or timed out on this image)"
-            )
-            image.finished_at = now
+        return [], False
+    pending: list[str] = []
+    isolate = False
+    for image_id, status, attempts in rows:
+        if status != ImageStatus.RUNNING:
+            pending.append(image_id)
             continue
-        image.attempts += 1
-        image.status = ImageStatus.RUNNING
-        image.started_at = now
-        live.append(image)
-    return live
+        isolate = True  # an execution died while processing this image
+        if attempts + 1 >= settings.max_attempts:
+            outcome.failed += _fail(
+                session,
+                [image_id],
+                TOO_MANY_ATTEMPTS,
+                f"processing was interrupted {attempts + 1} times "
+                "(the worker died or timed out on this image)",
+                attempts=attempts + 1,
+            )
+            continue
+        changed = session.execute(
+            update(Image)
+            .where(Image.id == image_id, Image.status == ImageStatus.RUNNING)
+            .values(attempts=Image.attempts + 1, status=ImageStatus.QUEUED)
+        ).rowcount
+        if changed:
+            pending.append(image_id)
+    if pending and not isolate:
+        _mark_running(session, pending)
+    return pending, isolate
+
+
+def _mark_running(session: Session, image_ids: Sequence[str]) -> int:
+    return session.execute(
+        update(Image)
+        .where(Image.id.in_(image_ids), Image.status == ImageStatus.QUEUED)
+        .values(status=ImageStatus.RUNNING, started_at=utcnow())
+    ).rowcount
 
 
 def _decode(
-    blobs: BlobStore, image: Image, classifier: Classifier, settings: Settings
+    blobs: BlobStore, blob_key: str, classifier: Classifier, settings: Settings
 ) -> np.ndarray | ImageError:
     try:
-        data = blobs.get(image.blob_key)
+        data = blobs.get(blob_key)
     except BlobNotFoundError:
         return ImageError("the stored image is missing")  # code: invalid_image
+    except BlobCorruptError:
+        return ImageError("the stored image does not match its checksum")
     try:
         return preprocess(data, classifier.info.preprocess, settings.max_image_pixels)
     except ImageError as exc:
@@ -138,27 +180,67 @@ def _decode(
 
 
 def _classify(
-    session: Session,
-    images: list[Image],
+    session_factory: sessionmaker[Session],
+    image_ids: Sequence[str],
     blobs: BlobStore,
     classifier: Classifier,
     settings: Settings,
     outcome: ChunkOutcome,
 ) -> None:
+    """Decode and predict with no transaction open, then write everything in one short one
+    (SQLite has one writer: decoding must not hold its lock)."""
+    with session_factory() as session:
+        rows = session.execute(
+            select(Image.id, Image.blob_key)
+            .where(Image.id.in_(image_ids), Image.status == ImageStatus.RUNNING)
+            .order_by(Image.position)
+        ).all()
     arrays: list[np.ndarray] = []
-    ids: list[str] = []
-    for image in images:
-        decoded = _decode(blobs, image, classifier, settings)
+    ok_ids: list[str] = []
+    failures: list[tuple[str, ImageError]] = []
+    for image_id, key in rows:
+        decoded = _decode(blobs, key, classifier, settings)
         if isinstance(decoded, ImageError):
-            _fail(session, image.id, decoded.code, decoded.message)
-            outcome.failed += 1
+            failures.append((image_id, decoded))
         else:
             arrays.append(decoded)
-            ids.append(image.id)
-    if ids:
-        probs = classifier.predict(np.stack(arrays))
-        _store_results(session, classifier, ids, probs)
-        outcome.completed += len(ids)
+            ok_ids.append(image_id)
+    probs = classifier.predict(np.stack(arrays)) if arrays else np.zeros(0)
+    with session_factory.begin() as session:
+        for image_id, error in failures:
+            outcome.failed += _fail(session, [image_id], error.code, error.message)
+        for image_id, prob in zip(ok_ids, probs, strict=True):
+            if _complete(session, classifier, image_id, float(prob)):
+                outcome.completed += 1
+            else:
+                outcome.skipped += 1
+
+
+def _finish(session: Session, chunk_id: str) -> bool:
+    """Mark the chunk done, but only once none of its images is left non-terminal."""
+    open_images = exists().where(Image.chunk_id == chunk_id, NOT_TERMINAL)
+    return bool(
+        session.execute(
+            update(Chunk)
+            .where(Chunk.id == chunk_id, ~open_images)
+            .values(status=ChunkStatus.DONE, finished_at=utcnow(), lease_expires_at=None)
+        ).rowcount
+    )
+
+
+def release(session_factory: sessionmaker[Session], chunk_id: str) -> None:
+    """After a transient error: hand the running images back, so the retry that follows is not
+    counted as an interruption.  Best effort: if the database is still away, the next claim
+    counts one interruption, which ``max_attempts`` leaves room for."""
+    try:
+        with session_factory.begin() as session:
+            session.execute(
+                update(Image)
+                .where(Image.chunk_id == chunk_id, Image.status == ImageStatus.RUNNING)
+                .values(status=ImageStatus.QUEUED)
+            )
+    except Exception as exc:
+        log.warning("chunk %s: could not release its images (%s)", chunk_id, type(exc).__name__)
 
 
 def process_chunk(
@@ -168,53 +250,29 @@ def process_chunk(
     get_classifier: Callable[[], Classifier],
     settings: Settings,
 ) -> ChunkOutcome:
-    """Classify every non-terminal image of a chunk; safe to run any number of times."""
+    """Classify every non-terminal image of a chunk; safe to run any number of times, also
+    concurrently."""
     outcome = ChunkOutcome()
     with session_factory.begin() as session:
-        claimed = _claim(session, chunk_id, settings)
-        if claimed is None:
+        claims = _claim(session, chunk_id, settings)
+        if claims is None:
             log.info("chunk %s already done or gone; nothing to do", chunk_id)
             return outcome
-        chunk, images = claimed
-        redelivered = chunk.attempts > 1
-        if redelivered:
-            pending_ids = [i.id for i in images]
-        else:
-            live = _begin_attempt(session, images, settings)
-            outcome.failed += len(images) - len(live)
-            pending_ids = [i.id for i in live]
+        pending, isolate = _start(session, chunk_id, claims, settings, outcome)
     classifier = get_classifier()
-    if not redelivered:
-        with session_factory.begin() as session:
-            live = list(session.scalars(select(Image).where(Image.id.in_(pending_ids))))
-            live.sort(key=lambda i: i.position)
-            _classify(session, live, blobs, classifier, settings, outcome)
-            _finish(session, chunk_id)
-        return outcome
-    # Redelivery: a worker may have died on one of these images. Give every image its own
-    # attempt, committed before it is decoded, and its own transaction.
-    log.info("chunk %s redelivered (attempt %d): isolating its images", chunk_id, chunk.attempts)
-    for image_id in pending_ids:
-        with session_factory.begin() as session:
-            image = session.get(Image, image_id)
-            if image is None or image.status in ImageStatus.TERMINAL:
-                outcome.skipped += 1
-                continue
-            if not _begin_attempt(session, [image], settings):
-                outcome.failed += 1
-                continue
-        with session_factory.begin() as session:
-            image = session.get(Image, image_id)
-            if image is not None and image.status not in ImageStatus.TERMINAL:
-                _classify(session, [image], blobs, classifier, settings, outcome)
+    if not isolate:
+        _classify(session_factory, pending, blobs, classifier, settings, outcome)
+    else:
+        log.info("chunk %s was interrupted before: processing its images one by one", chunk_id)
+        for image_id in pending:
+            with session_factory.begin() as session:
+                if not _mark_running(session, [image_id]):
+                    outcome.skipped += 1
+                    continue
+            _classify(session_factory, [image_id], blobs, classifier, settings, outcome)
     with session_factory.begin() as session:
-        _finish(session, chunk_id)
+        if not _finish(session, chunk_id):
+            log.warning(
+                "chunk %s still has unfinished images; its lease will bring it back", chunk_id
+            )
     return outcome
-
-
-def _finish(session: Session, chunk_id: str) -> None:
-    session.execute(
-        update(Chunk)
-        .where(Chunk.id == chunk_id)
-        .values(status=ChunkStatus.DONE, finished_at=utcnow(), lease_expires_at=None)
-    )

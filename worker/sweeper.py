@@ -1,12 +1,15 @@
 """The sweeper: finds chunks that fell through the cracks and enqueues them again.
 
 * queued chunks never stamped ``enqueued_at`` (the send failed after the commit);
-* running chunks whose lease expired (the worker died, or Redis lost the message);
+* running chunks whose lease expired (the worker died, timed out, or gave up retrying);
 * queued chunks whose message vanished (Redis restarted without persistence): when the broker
   queue and its unacked set are both empty, any chunk still queued after the grace period
-  cannot be waiting for a worker.
+  cannot be waiting for a worker;
+* queued chunks sent longer ago than the visibility timeout, whatever the broker says (their
+  message was lost while the broker stayed busy).
 
-Re-enqueueing is always safe: processing is idempotent.
+Each state change is a conditional UPDATE, so a chunk claimed by a worker in the meantime is
+left alone.  Re-enqueueing is always safe: processing is idempotent.
 """
 
 from __future__ import annotations
@@ -37,25 +40,32 @@ def broker_is_idle(celery: Celery) -> bool:
             client = conn.default_channel.client
             return client.llen(QUEUE) == 0 and client.hlen("unacked") == 0
     except Exception as exc:
-        log.warning("cannot inspect the broker (%s)", exc)
+        log.warning("cannot inspect the broker (%s)", type(exc).__name__)
         return False
 
 
 def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> list[str]:
+    """Ids of chunks to send again; running chunks past their lease are reset to queued."""
     now = utcnow()
     grace = now - dt.timedelta(seconds=settings.enqueue_grace_seconds)
+    lost = now - dt.timedelta(seconds=settings.visibility_timeout)
+    expired = session.scalars(
+        update(Chunk)
+        .where(Chunk.status == ChunkStatus.RUNNING, Chunk.lease_expires_at < now)
+        .values(status=ChunkStatus.QUEUED, enqueued_at=None, lease_expires_at=None)
+        .returning(Chunk.id)
+    ).all()
+    queued = Chunk.status == ChunkStatus.QUEUED
     conditions = [
-        (Chunk.status == ChunkStatus.QUEUED)
-        & Chunk.enqueued_at.is_(None)
-        & (Chunk.created_at < grace),
-        (Chunk.status == ChunkStatus.RUNNING) & (Chunk.lease_expires_at < now),
+        queued & Chunk.enqueued_at.is_(None) & (Chunk.created_at < grace),
+        queued & (Chunk.enqueued_at < lost),
     ]
     if broker_idle:
-        conditions.append((Chunk.status == ChunkStatus.QUEUED) & (Chunk.enqueued_at < grace))
+        conditions.append(queued & (Chunk.enqueued_at < grace))
     rows = session.scalars(
         select(Chunk.id).where(or_(*conditions)).order_by(Chunk.created_at).limit(SWEEP_LIMIT)
-    )
-    return list(rows)
+    ).all()
+    return list(dict.fromkeys([*expired, *rows]))
 
 
 def sweep(celery: Celery, session_factory: sessionmaker[Session], settings: Settings) -> int:
@@ -63,14 +73,8 @@ def sweep(celery: Celery, session_factory: sessionmaker[Session], settings: Sett
     idle = broker_is_idle(celery)
     with session_factory.begin() as session:
         ids = find_stranded(session, settings, idle)
-        if not ids:
-            return 0
-        # back to queued, lease cleared: the stamp is set again once the send succeeds
-        session.execute(
-            update(Chunk)
-            .where(Chunk.id.in_(ids), Chunk.status != ChunkStatus.DONE)
-            .values(status=ChunkStatus.QUEUED, enqueued_at=None, lease_expires_at=None)
-        )
+    if not ids:
+        return 0
     sent = enqueue_chunks(celery, session_factory, ids)
     log.warning("sweeper re-enqueued %d stranded chunk(s)", sent)
     return sent
@@ -91,7 +95,7 @@ def run_forever(settings: Settings, stop: Callable[[], bool] = lambda: False) ->
         try:
             sweep(celery, sessions, settings)
         except Exception as exc:  # DB or Redis away: try again next round
-            log.warning("sweep failed (%s: %s)", type(exc).__name__, exc)
+            log.warning("sweep failed (%s)", type(exc).__name__)
         deadline = time.monotonic() + settings.sweep_interval
         while time.monotonic() < deadline and not stop():
             time.sleep(min(0.5, settings.sweep_interval))

@@ -34,7 +34,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_api_keys_client'), ['client'], unique=False)
 
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('client', sa.String(length=100), nullable=False))
+        batch_op.add_column(sa.Column('client', sa.String(length=100), server_default='anonymous', nullable=False))
         batch_op.add_column(sa.Column('idempotency_key', sa.String(length=200), nullable=True))
         batch_op.create_index('ix_jobs_client_created', ['client', 'created_at'], unique=False)
         batch_op.create_unique_constraint('uq_jobs_client_idempotency_key', ['client', 'idempotency_key'])
