@@ -21,7 +21,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the CNN on a folder with a manifest.csv")
     p.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
     p.add_argument("--out", type=Path, default=Path("models/cxr-cnn.npz"))
-    p.add_argument("--recipe", choices=("paper", "robust", "adult"), default="robust")
+    p.add_argument("--recipe", choices=("paper", "robust", "adult"), default="paper")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--warmup-epochs", type=int, default=5, help="early stopping ignores these")

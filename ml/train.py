@@ -54,7 +54,7 @@ ROBUST_SHARES = {"covid": 0.5, "adult-non-covid": 0.3, "pediatric-non-covid": 0.
 class TrainOptions:
     data: Path
     out: Path
-    recipe: str = "robust"
+    recipe: str = "paper"
     epochs: int = 40
     patience: int = 8
     warmup_epochs: int = 5  # early stopping ignores these (a noisy AUC at epoch 1 must not win)

@@ -76,7 +76,18 @@ def test_tiny_training_run_writes_a_loadable_model(tmp_path: Path, capsys) -> No
     data = tmp_path / "data"
     write_folder(data)
     out = tmp_path / "model" / "m.npz"
-    argv = ["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--quiet"]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--quiet",
+        "--recipe",
+        "robust",
+    ]
     assert main(argv) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["sha256"] == sha256_file(out)
