@@ -141,3 +141,36 @@ def test_bad_idempotency_key(client) -> None:
     resp = post(client, {"Idempotency-Key": "k" * 201})
     assert resp.status_code == 400
     assert resp.get_json()["error"]["code"] == "invalid_parameter"
+
+
+def test_keys_commands(tmp_path, monkeypatch, capsys) -> None:
+    from cli.main import main
+    from shared.auth import lookup
+    from shared.migrate import upgrade
+    from shared.settings import get_settings
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    upgrade(url)
+    monkeypatch.setenv("CXR_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        assert main(["keys", "create", "--client", "st-marys"]) == 0
+        key = capsys.readouterr().out.splitlines()[0]
+        assert key.startswith("cxr_")
+        assert main(["keys", "create", "--client", "ops", "--admin"]) == 0
+        capsys.readouterr()
+        assert main(["keys", "list"]) == 0
+        listing = capsys.readouterr().out
+        assert key[:12] in listing
+        assert key not in listing  # only prefixes are ever shown
+        engine = make_engine(url)
+        sessions = make_session_factory(engine)
+        with sessions() as session:
+            assert lookup(session, key).client == "st-marys"
+        assert main(["keys", "revoke", key[:12]]) == 0
+        with sessions() as session:
+            assert lookup(session, key) is None
+        assert main(["keys", "revoke", key[:12]]) == 1  # nothing left to revoke
+        engine.dispose()
+    finally:
+        get_settings.cache_clear()
