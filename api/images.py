@@ -8,8 +8,8 @@ from sqlalchemy import select
 from api.auth import authenticate, current_principal
 from api.errors import APIError
 from api.extensions import service
-from api.queries import image_dict, parse_id
-from shared.models import Image, Job, Result
+from api.queries import image_dict, images_with_results, parse_id
+from shared.models import Image, Job
 
 bp = Blueprint("images", __name__)
 bp.before_request(authenticate)
@@ -19,9 +19,7 @@ bp.before_request(authenticate)
 def get_image(image_id: str) -> Response:
     with service.state.sessions() as session:
         row = session.execute(
-            select(Image, Result)
-            .outerjoin(Result, Result.image_id == Image.id)
-            .where(Image.id == parse_id(image_id, "image"))
+            images_with_results().where(Image.id == parse_id(image_id, "image"))
         ).first()
         principal = current_principal()
         if row is not None and not principal.is_admin:

@@ -16,10 +16,18 @@ from sqlalchemy.orm import Session
 from api.auth import authenticate, current_principal
 from api.errors import APIError
 from api.extensions import service
-from api.queries import DEFAULT_PER_PAGE, image_dict, image_page, int_arg, job_summary, parse_id
+from api.queries import (
+    DEFAULT_PER_PAGE,
+    image_dict,
+    image_page,
+    int_arg,
+    job_images,
+    job_summary,
+    parse_id,
+)
 from api.uploads import iter_uploads
 from shared.imaging import ImageError, check_header
-from shared.models import Chunk, Image, ImageStatus, Job, Result, new_id
+from shared.models import Chunk, Image, ImageStatus, Job, new_id
 from shared.queue import enqueue_chunks
 
 log = logging.getLogger(__name__)
@@ -54,12 +62,7 @@ def _replay(job_id: str) -> tuple[Response, int, dict[str, str]]:
     with service.state.sessions() as session:
         job = session.get(Job, job_id)
         body = job_summary(session, job)
-        rows = session.execute(
-            select(Image, Result)
-            .outerjoin(Result, Result.image_id == Image.id)
-            .where(Image.job_id == job_id)
-            .order_by(Image.position)
-        ).all()
+        rows = session.execute(job_images(job_id)).all()
     body["images"] = [image_dict(image, result) for image, result in rows]
     headers = {"Location": url_for("jobs.get_job", job_id=job_id), "Idempotent-Replayed": "true"}
     return jsonify(body), 200, headers
@@ -209,13 +212,7 @@ def results_csv(job_id: str) -> Response:
         writer = csv.writer(buf)
         writer.writerow(CSV_COLUMNS)
         with state.sessions() as session:
-            query = (
-                select(Image, Result)
-                .outerjoin(Result, Result.image_id == Image.id)
-                .where(Image.job_id == job_id)
-                .order_by(Image.position)
-                .execution_options(yield_per=500)
-            )
+            query = job_images(job_id).execution_options(yield_per=500)
             for n, (image, result) in enumerate(session.execute(query)):
                 writer.writerow(
                     (

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from flask import request
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
@@ -109,20 +109,24 @@ def job_summary(session: Session, job: Job) -> dict[str, Any]:
     }
 
 
+def images_with_results() -> Select[tuple[Image, Result]]:
+    """Images joined to their result, if any: the base of every read of per-image results."""
+    return select(Image, Result).outerjoin(Result, Result.image_id == Image.id)
+
+
+def job_images(job_id: str) -> Select[tuple[Image, Result]]:
+    """A job's images with their results, in submission order."""
+    return images_with_results().where(Image.job_id == job_id).order_by(Image.position)
+
+
 def image_page(
     session: Session, job_id: str, page: int, per_page: int, status: str | None
 ) -> tuple[list[dict[str, Any]], int]:
-    query = (
-        select(Image, Result)
-        .outerjoin(Result, Result.image_id == Image.id)
-        .where(Image.job_id == job_id)
-    )
+    query = job_images(job_id)
     count_query = select(func.count()).select_from(Image).where(Image.job_id == job_id)
     if status:
         query = query.where(Image.status == status)
         count_query = count_query.where(Image.status == status)
     total = session.scalar(count_query) or 0
-    rows = session.execute(
-        query.order_by(Image.position).offset((page - 1) * per_page).limit(per_page)
-    ).all()
+    rows = session.execute(query.offset((page - 1) * per_page).limit(per_page)).all()
     return [image_dict(image, result) for image, result in rows], total

@@ -67,7 +67,3 @@ def revoke(session: Session, key_id_or_prefix: str) -> int:
     for row in rows:
         row.revoked_at = utcnow()
     return len(rows)
-
-
-def active_key_count(session: Session) -> int:
-    return len(session.scalars(select(ApiKey.id).where(ApiKey.revoked_at.is_(None))).all())
