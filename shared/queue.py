@@ -38,7 +38,12 @@ def make_celery(settings: Settings, name: str = "cxr") -> Celery:
         worker_proc_alive_timeout=120,
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # an unreachable Redis must fail an enqueue in seconds, not hang the request
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+        },
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],
