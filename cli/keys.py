@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth import create_key, revoke
-from shared.db import as_utc, make_engine, make_session_factory
+from shared.db import as_utc, sessions_for
 from shared.models import ApiKey
 from shared.settings import get_settings
 
@@ -29,7 +29,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _sessions() -> sessionmaker[Session]:
-    return make_session_factory(make_engine(get_settings().sqlalchemy_url))
+    return sessions_for(get_settings().sqlalchemy_url)
 
 
 def _when(value: dt.datetime | None) -> str:

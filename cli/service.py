@@ -122,14 +122,10 @@ def cmd_sweeper(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     if args.once:
-        from shared.db import make_engine, make_session_factory
+        from shared.db import sessions_for
         from shared.queue import make_celery
 
-        sent = sweep(
-            make_celery(settings),
-            make_session_factory(make_engine(settings.sqlalchemy_url)),
-            settings,
-        )
+        sent = sweep(make_celery(settings), sessions_for(settings.sqlalchemy_url), settings)
         print(f"re-enqueued {sent} chunk(s)")
         return 0
     stopping = False

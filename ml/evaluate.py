@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from ml.dataset import load_images, read_labels
-from ml.metrics import metric_block, roc_curve
+from ml.metrics import blocks_by_key, metric_block, roc_curve
 from shared.model_store import Classifier
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc")
@@ -69,13 +69,8 @@ def evaluate_folder(
     for name in METRIC_NAMES:
         report[name] = overall[name]
     report["confusion"] = overall["confusion"]
-    sources = np.array([r.source for r in loaded.records])
-    report["by_source"] = {}
-    for source in sorted({s for s in sources if s}):
-        idx = np.flatnonzero(sources == source)
-        report["by_source"][source] = metric_block(
-            y[idx], probs[idx], [groups[i] for i in idx], threshold, n_boot
-        )
+    sources = [r.source for r in loaded.records]
+    report["by_source"] = blocks_by_key(y, probs, groups, sources, threshold, n_boot)
     report["predictions"] = [
         {"file": r.file, "label": int(r.label), "probability": round(float(p), 6)}
         for r, p in zip(loaded.records, probs, strict=True)

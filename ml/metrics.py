@@ -110,6 +110,25 @@ def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
 
 
+def blocks_by_key(
+    y: np.ndarray,
+    p: np.ndarray,
+    groups: Sequence[str],
+    keys: Sequence[str],
+    threshold: float,
+    n_boot: int = 1000,
+) -> dict[str, dict[str, Any]]:
+    """:func:`metric_block` for each distinct non-empty key (e.g. each source)."""
+    keys_arr = np.asarray(keys, dtype=str)
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted({k for k in keys_arr if k}):
+        idx = np.flatnonzero(keys_arr == key)
+        out[key] = metric_block(
+            np.asarray(y)[idx], np.asarray(p)[idx], [groups[i] for i in idx], threshold, n_boot
+        )
+    return out
+
+
 def metric_block(
     y: np.ndarray, p: np.ndarray, groups: Sequence[str], threshold: float, n_boot: int = 1000
 ) -> dict[str, Any]:

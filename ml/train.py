@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ml.dataset import ADULT_SOURCES, Record, fingerprint, load_images, patient_split, read_labels
-from ml.metrics import auc_score, metric_block
+from ml.metrics import auc_score, blocks_by_key, metric_block
 from shared.imaging import DEFAULT_MAX_PIXELS, PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def evaluate_split(
     adult = np.isin(sources, ADULT_SOURCES)
     if adult.any():
         result["adult"] = block(adult)
-    result["by_source"] = {s: block(sources == s) for s in sorted(set(sources)) if s}
+    result["by_source"] = blocks_by_key(y, probs, groups, sources, threshold, n_boot)
     negatives = y == 0
     ped = negatives & ~adult
     adult_neg = negatives & adult

@@ -65,6 +65,11 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def sessions_for(url: str) -> sessionmaker[Session]:
+    """A session factory on a new engine for ``url`` (one per process or command)."""
+    return make_session_factory(make_engine(url))
+
+
 def insert_for(session: Session, table: Any) -> Insert:
     """An INSERT that supports ``on_conflict_do_update`` on the session's dialect."""
     name = session.get_bind().dialect.name

@@ -85,11 +85,11 @@ def run_forever(settings: Settings, stop: Callable[[], bool] = lambda: False) ->
 
     Several sweepers may run at once (one per host): re-enqueueing is idempotent.
     """
-    from shared.db import make_engine, make_session_factory
+    from shared.db import sessions_for
     from shared.queue import make_celery
 
     celery = make_celery(settings, name="cxr-sweeper")
-    sessions = make_session_factory(make_engine(settings.sqlalchemy_url))
+    sessions = sessions_for(settings.sqlalchemy_url)
     log.info("sweeper running every %.0f s", settings.sweep_interval)
     while not stop():
         try:

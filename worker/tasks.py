@@ -10,7 +10,7 @@ from celery import Task
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import make_engine, make_session_factory
+from shared.db import sessions_for
 from shared.queue import CLASSIFY_TASK
 from shared.settings import get_settings
 from shared.storage import LocalBlobStore
@@ -28,7 +28,7 @@ MAX_RETRIES = 8
 @lru_cache(maxsize=1)
 def session_factory() -> sessionmaker[Session]:
     """One engine per process, created lazily (after any fork)."""
-    return make_session_factory(make_engine(get_settings().sqlalchemy_url))
+    return sessions_for(get_settings().sqlalchemy_url)
 
 
 @lru_cache(maxsize=1)
