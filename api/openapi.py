@@ -7,10 +7,25 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from api.extensions import service
+from shared.models import ImageStatus, JobStatus
 
 bp = Blueprint("openapi", __name__)
 
 UUID_PARAM = {"type": "string", "format": "uuid"}
+IMAGE_STATUSES = list(ImageStatus.ALL)
+JOB_STATUSES = [
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    JobStatus.COMPLETED,
+    JobStatus.COMPLETED_WITH_ERRORS,
+    JobStatus.FAILED,
+]
+IMAGE_STATUS_DESCRIPTION = (
+    "queued or running, then exactly one terminal status: completed (probability and label), "
+    "failed (error: the image could not be processed, e.g. corrupt_image, too_many_attempts) "
+    "or skipped (error: a readable image out of the model's scope, code "
+    "not_frontal_chest_xray: not a frontal chest radiograph; never scored)"
+)
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -35,10 +50,17 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
         "properties": {
             "id": UUID_PARAM,
             "filename": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "running", "completed", "failed"]},
+            "status": {
+                "type": "string",
+                "enum": IMAGE_STATUSES,
+                "description": IMAGE_STATUS_DESCRIPTION,
+            },
             "probability": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
             "label": {"type": ["string", "null"], "enum": ["covid", "non-covid", None]},
-            "error": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ErrorDetail"}]},
+            "error": {
+                "oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ErrorDetail"}],
+                "description": "the reason, for failed and skipped images; null otherwise",
+            },
         },
     }
     job = {
@@ -48,12 +70,19 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
             "id": UUID_PARAM,
             "status": {
                 "type": "string",
-                "enum": ["queued", "running", "completed", "completed_with_errors", "failed"],
+                "enum": JOB_STATUSES,
+                "description": "derived from the image statuses: completed when every image is "
+                "completed or skipped; failed when every image failed; completed_with_errors "
+                "when some failed and the rest completed or skipped",
             },
             "client_ref": nullable_string,
             "model_version": {"type": "string"},
             "image_count": {"type": "integer"},
-            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "counts": {
+                "type": "object",
+                "description": "images per image status: " + ", ".join(IMAGE_STATUSES),
+                "additionalProperties": {"type": "integer"},
+            },
             "progress": {"type": "number"},
             "created_at": {"type": "string", "format": "date-time"},
             "started_at": nullable_string,
@@ -133,10 +162,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                         {
                             "name": "status",
                             "in": "query",
-                            "schema": {
-                                "type": "string",
-                                "enum": ["queued", "running", "completed", "failed"],
-                            },
+                            "schema": {"type": "string", "enum": IMAGE_STATUSES},
                         },
                     ],
                     "responses": {

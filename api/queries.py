@@ -50,9 +50,10 @@ def image_dict(image: Image, result: Result | None, with_job: bool = False) -> d
         "status": image.status,
         "probability": result.probability if result else None,
         "label": result.label if result else None,
+        # failed (could not be processed) and skipped (out of the model's scope) carry a reason
         "error": (
             {"code": image.error_code, "message": image.error_message}
-            if image.status == ImageStatus.FAILED
+            if image.status in (ImageStatus.FAILED, ImageStatus.SKIPPED)
             else None
         ),
     }
@@ -89,7 +90,7 @@ def job_summary(session: Session, job: Job) -> dict[str, Any]:
             finished.append(as_utc(last_finish))  # type: ignore[arg-type]
     status = JobStatus.from_counts(counts)
     total = sum(counts.values())
-    terminal = counts[ImageStatus.COMPLETED] + counts[ImageStatus.FAILED]
+    terminal = sum(counts[s] for s in ImageStatus.TERMINAL)
     done = status in (JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED)
     return {
         "id": job.id,

@@ -12,6 +12,8 @@ from typing import Any
 import requests
 
 TERMINAL = {"completed", "completed_with_errors", "failed"}
+#: Image statuses that end an image: completed (a result), failed or skipped (a reason).
+IMAGE_TERMINAL = ("completed", "failed", "skipped")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip"}
 
 
@@ -138,6 +140,7 @@ def all_images(http: requests.Session, url: str, job_id: str) -> list[dict[str, 
 def format_table(images: list[dict[str, Any]]) -> str:
     width = max([8, *(len(i["filename"]) for i in images)])
     width = min(width, 60)
+    # ``error`` holds the reason of failed images and of skipped ones (out of the model's scope)
     lines = [f"{'filename':{width}}  {'status':9}  {'prob':>6}  {'label':9}  error"]
     for i in images:
         prob = "" if i["probability"] is None else f"{i['probability']:.3f}"
@@ -145,6 +148,15 @@ def format_table(images: list[dict[str, Any]]) -> str:
         name, label = i["filename"][:width], i["label"] or ""
         lines.append(f"{name:{width}}  {i['status']:9}  {prob:>6}  {label:9}  {err}")
     return "\n".join(lines)
+
+
+def summary(counts: dict[str, int]) -> str:
+    """'8 completed, 1 failed, 2 skipped (out of scope)'; skipped only when there are some
+    (servers before the status existed do not report it)."""
+    parts = [f"{counts.get('completed', 0)} completed", f"{counts.get('failed', 0)} failed"]
+    if counts.get("skipped"):
+        parts.append(f"{counts['skipped']} skipped (out of scope)")
+    return ", ".join(parts)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -163,7 +175,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     bar = None if args.quiet else tqdm(total=body["image_count"], unit="img", desc=body["status"])
     try:
         while True:
-            done = body["counts"]["completed"] + body["counts"]["failed"]
+            done = sum(body["counts"].get(s, 0) for s in IMAGE_TERMINAL)
             if bar is not None:
                 bar.set_description(body["status"])
                 bar.update(done - bar.n)
@@ -179,8 +191,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
             bar.close()
     if not args.quiet:
         print(format_table(all_images(http, url, args.job_id)))
-    c = body["counts"]
-    print(f"job {args.job_id}: {body['status']} ({c['completed']} completed, {c['failed']} failed)")
+    print(f"job {args.job_id}: {body['status']} ({summary(body['counts'])})")
     return 0
 
 

@@ -21,7 +21,29 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the CNN on a folder with a manifest.csv")
     p.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
     p.add_argument("--out", type=Path, default=Path("models/cxr-cnn.npz"))
-    p.add_argument("--recipe", choices=("paper", "robust", "adult"), default="paper")
+    p.add_argument(
+        "--recipe",
+        default="lungs",
+        help="paper | lungs (crop to the lung fields) | lungs-clahe | lungs-adult (adult films only)",
+    )
+    p.add_argument(
+        "--segmenter",
+        type=Path,
+        default=Path("models/cxr-lungs.npz"),
+        help="lung segmenter for the lungs recipes (cxr train-lungs writes it)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "cxr-screen" / "arrays",
+        help="preprocessed films, keyed by file bytes, preprocessing and segmenter",
+    )
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument(
+        "--hold-out-source",
+        default="",
+        help="train without this source and validate on all of its films (an unseen site)",
+    )
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--warmup-epochs", type=int, default=5, help="early stopping ignores these")
@@ -36,8 +58,35 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-images", type=int, default=0, help="patient-level subset (quick runs)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples per interval")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("train-lungs", help="train the lung segmenter on a folder of lung masks")
+    p.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
+    p.add_argument("--masks", type=Path, default=Path("../shared/data/cxr-lungs"))
+    p.add_argument(
+        "--scope",
+        type=Path,
+        default=Path("../shared/data/cxr-scope"),
+        help="out-of-scope films (lateral, CT); half of their patients teach 'no lungs here'",
+    )
+    p.add_argument("--out", type=Path, default=Path("models/cxr-lungs.npz"))
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train_lungs)
+
+    p = sub.add_parser(
+        "audit-scope",
+        help="how often the scope check skips frontal films and scores lateral, CT, other images",
+    )
+    p.add_argument("--images", type=Path, default=Path("../shared/data/cxr"))
+    p.add_argument("--scope", type=Path, default=Path("../shared/data/cxr-scope"))
+    p.add_argument("--segmenter", type=Path, default=Path("models/cxr-lungs.npz"))
+    p.add_argument("--generated-per-kind", type=int, default=20)
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.set_defaults(func=_cmd_audit_scope)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder of images")
     p.add_argument("--images", type=Path, required=True)
@@ -74,11 +123,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
             stop_fraction=args.stop_fraction,
             seed=args.seed,
             max_images=args.max_images,
+            segmenter=args.segmenter,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            hold_out_source=args.hold_out_source,
+            n_boot=args.bootstrap,
             progress=not args.quiet,
         )
     )
     print("\n".join(summary_lines(meta)))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+def _cmd_train_lungs(args: argparse.Namespace) -> int:
+    from ml.segment import SegmentOptions, train_segmenter
+
+    meta = train_segmenter(
+        SegmentOptions(
+            data=args.data,
+            masks=args.masks,
+            out=args.out,
+            scope=args.scope if (args.scope / "manifest.csv").is_file() else None,
+            epochs=args.epochs,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    )
+    print(f"segmenter {meta['version']}  held-out Dice {meta['validation']}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+def _cmd_audit_scope(args: argparse.Namespace) -> int:
+    import json
+
+    from ml.scope import audit_scope, scope_lines
+    from shared.lungs import LungSegmenter
+
+    report = audit_scope(
+        LungSegmenter(args.segmenter),
+        args.images if (args.images / "manifest.csv").is_file() else None,
+        args.scope if (args.scope / "manifest.csv").is_file() else None,
+        args.generated_per_kind,
+    )
+    print("\n".join(scope_lines(report)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

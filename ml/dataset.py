@@ -1,4 +1,11 @@
-"""Labelled image folders: manifest/labels CSVs, patient-level splits, image loading."""
+"""Labelled image folders: manifest/labels CSVs, patient-level splits, image loading.
+
+Images are loaded through the one preprocessing path (:func:`shared.imaging.preprocess`), the
+segmenter included, so a film the workers would skip is skipped here too (and counted, never
+silently dropped).  Preprocessed arrays may be cached on disk, keyed by the sha256 of each
+file's bytes, the preprocessing config and the segmenter's sha256: a cache hit is exactly what
+the preprocessing would have produced.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.imaging import ImageError, PreprocessConfig, preprocess
+from shared.imaging import ImageError, OutOfScopeError, PreprocessConfig, preprocess
+from shared.lungs import LungSegmenter
 
 log = logging.getLogger(__name__)
 
 LABELS = {"covid": 1, "non-covid": 0}
-ADULT_SOURCES = ("ieee8023", "actualmed")
+#: Adult films with both classes from the same collections: the headline question.
+SAME_SOURCE_ADULT = ("ieee8023", "actualmed")
+#: Adult non-COVID films from one other hospital (NIH), all taken before COVID-19.
+NIH_SOURCE = "nih"
+ADULT_SOURCES = (*SAME_SOURCE_ADULT, NIH_SOURCE)
+PEDIATRIC_SOURCES = ("kermany",)
 
 
 class LabelsFileError(ValueError):
@@ -42,6 +55,7 @@ class LoadedSet:
     records: list[Record]
     x: np.ndarray  # (n, 224, 224, 3) float32
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file, error code)
+    skipped: list[Record] = field(default_factory=list)  # not frontal chest films (out of scope)
 
     @property
     def y(self) -> np.ndarray:
@@ -117,31 +131,88 @@ def patient_split(
     return train, val
 
 
+class ArrayCache:
+    """Preprocessed films on disk, one ``.npy`` (224x224 float32, one channel) per key."""
+
+    def __init__(self, folder: Path, config: PreprocessConfig, segmenter_sha: str = "") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.salt = f"{sorted(config.to_dict().items())}|{segmenter_sha}|v1"
+
+    def _path(self, data: bytes) -> Path:
+        key = hashlib.sha256(self.salt.encode() + hashlib.sha256(data).digest()).hexdigest()
+        return self.folder / f"{key}.npy"
+
+    def get(self, data: bytes) -> np.ndarray | str | None:
+        """The cached input, the cached refusal code, or None on a miss."""
+        path = self._path(data)
+        if path.is_file():
+            return np.repeat(np.load(path)[:, :, None], 3, axis=2)
+        refusal = path.with_suffix(".refused")
+        return refusal.read_text() if refusal.is_file() else None
+
+    def put(self, data: bytes, value: np.ndarray | str) -> None:
+        path = self._path(data)
+        if isinstance(value, str):
+            path.with_suffix(".refused").write_text(value)
+            return
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, np.ascontiguousarray(value[:, :, 0]))
+        tmp.replace(path)
+
+
+def _load_one(
+    data: bytes,
+    config: PreprocessConfig,
+    max_pixels: int,
+    segmenter: LungSegmenter | None,
+    cache: ArrayCache | None,
+) -> np.ndarray | str:
+    """The model input, or the code of the ImageError that refused the file."""
+    hit = cache.get(data) if cache is not None else None
+    if hit is not None:
+        return hit
+    try:
+        value: np.ndarray | str = preprocess(data, config, max_pixels, segmenter)
+    except ImageError as exc:
+        value = exc.code
+    if cache is not None:
+        cache.put(data, value)
+    return value
+
+
 def load_images(
     folder: Path,
     records: list[Record],
     config: PreprocessConfig,
     max_pixels: int,
     progress: bool = False,
+    segmenter: LungSegmenter | None = None,
+    cache: ArrayCache | None = None,
 ) -> LoadedSet:
-    """Preprocess every listed file; unreadable ones are reported, not fatal."""
+    """Preprocess every listed file; unreadable and out-of-scope ones are reported, not fatal."""
     kept: list[Record] = []
     arrays: list[np.ndarray] = []
     unreadable: list[tuple[str, str]] = []
+    skipped: list[Record] = []
     iterator = records
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(records, desc="loading images", unit="img")
     for r in iterator:
-        path = folder / r.file
         try:
-            data = path.read_bytes()
-            arrays.append(preprocess(data, config, max_pixels))
-            kept.append(r)
-        except ImageError as exc:
-            unreadable.append((r.file, exc.code))
+            data = (folder / r.file).read_bytes()
         except OSError:
             unreadable.append((r.file, "unreadable_file"))
+            continue
+        value = _load_one(data, config, max_pixels, segmenter, cache)
+        if isinstance(value, np.ndarray):
+            arrays.append(value)
+            kept.append(r)
+        elif value == OutOfScopeError.code:
+            skipped.append(r)
+        else:
+            unreadable.append((r.file, value))
     x = np.stack(arrays) if arrays else np.zeros((0, 224, 224, 3), np.float32)
-    return LoadedSet(kept, x, unreadable)
+    return LoadedSet(kept, x, unreadable, skipped)

@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 
 from ml.dataset import load_images, read_labels
-from ml.metrics import blocks_by_key, metric_block, roc_curve
+from ml.metrics import roc_curve
+from ml.report import report_lines as validation_lines
+from ml.report import validation_report
 from shared.model_store import Classifier
-
-METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "auc")
 
 
 class EvaluationError(ValueError):
@@ -36,7 +36,8 @@ def evaluate_folder(
 
     Images of patients the model was trained on are never scored as validation: with
     ``validation_only`` only the model's validation patients are kept, and otherwise any
-    training patient in the labels is an error (no metric on training images).
+    training patient in the labels is an error (no metric on training images).  Films the
+    model's scope check refuses are counted as skipped, per source, like the workers skip them.
     """
     classifier = Classifier.load(model_path)
     threshold = classifier.info.threshold
@@ -53,30 +54,26 @@ def evaluate_folder(
             f"{len(trained_on)} patient(s) in {labels} were in this model's training data; "
             "metrics on them would not be a validation (use --validation-only, or other images)"
         )
-    loaded = load_images(images, records, classifier.info.preprocess, max_pixels)
+    loaded = load_images(
+        images, records, classifier.info.preprocess, max_pixels, segmenter=classifier.segmenter
+    )
     probs = classifier.predict(loaded.x) if len(loaded.records) else np.zeros(0)
-    y = loaded.y
-    groups = [r.group for r in loaded.records]
     report: dict[str, Any] = {
-        "n": len(y),
+        "n": len(loaded.records),
         "n_listed": len(records),
         "unreadable": [{"file": f, "error": code} for f, code in loaded.unreadable],
-        "threshold": threshold,
+        "skipped_files": [r.file for r in loaded.skipped],
         "model_version": classifier.info.version,
         "validation_only": validation_only,
     }
-    overall = metric_block(y, probs, groups, threshold, n_boot)
-    for name in METRIC_NAMES:
-        report[name] = overall[name]
-    report["confusion"] = overall["confusion"]
-    sources = [r.source for r in loaded.records]
-    report["by_source"] = blocks_by_key(y, probs, groups, sources, threshold, n_boot)
+    report.update(validation_report(loaded.records, probs, threshold, n_boot, loaded.skipped))
     report["predictions"] = [
         {"file": r.file, "label": int(r.label), "probability": round(float(p), 6)}
         for r, p in zip(loaded.records, probs, strict=True)
     ]
     if roc_path is not None:
-        draw_roc(y, probs, overall["auc"]["value"], roc_path, classifier.info.version)
+        auc = report["mixed"]["auc"]["value"]
+        draw_roc(loaded.y, probs, auc, roc_path, classifier.info.version)
         report["roc_png"] = str(roc_path)
     return report
 
@@ -123,25 +120,10 @@ def draw_roc(y: np.ndarray, p: np.ndarray, auc: float | None, path: Path, title:
 def report_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"model {report['model_version']}  threshold {report['threshold']}",
-        f"images: {report['n']} evaluated of {report['n_listed']} listed, "
+        f"images: {report['n']} scored of {report['n_listed']} listed, "
+        f"{report['skipped']['n']} skipped (not a frontal chest film), "
         f"{len(report['unreadable'])} unreadable",
     ]
     for u in report["unreadable"][:20]:
         lines.append(f"  unreadable: {u['file']} ({u['error']})")
-
-    def row(name: str, block: dict[str, Any]) -> str:
-        parts = [f"{name:12s} n={block['n']:<5d}"]
-        for m in METRIC_NAMES:
-            v, ci = block[m]["value"], block[m]["ci95"]
-            text = "n/a" if v is None else f"{v:.3f}"
-            if ci:
-                text += f" [{ci[0]:.3f}-{ci[1]:.3f}]"
-            parts.append(f"{m} {text}")
-        c = block["confusion"]
-        parts.append(f"TP {c['tp']} FP {c['fp']} TN {c['tn']} FN {c['fn']}")
-        return "  ".join(parts)
-
-    lines.append(row("overall", report))
-    for source, block in report["by_source"].items():
-        lines.append(row(source, block))
-    return lines
+    return lines + validation_lines(report)

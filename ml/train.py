@@ -1,25 +1,30 @@
 """``cxr train``: the paper's CNN on a folder with a ``manifest.csv``, split by patient.
 
-The recipes share the model, the split, augmentation and optimiser; they differ only in the
-parts that fight the source shortcut (pediatric negatives from one hospital, adult positives):
+The recipes share the model, the split, augmentation and optimiser; they differ in the parts
+that fight the source shortcuts (pediatric negatives from one hospital, adult NIH negatives from
+another, adult positives from many):
 
 * ``paper``: the seed paper's preprocessing, class weights balanced between the two labels.
-* ``robust``: borders cropped (burnt-in text, frames), CLAHE contrast normalisation, and sample
-  weights that give COVID-19, *adult* non-COVID and pediatric non-COVID films fixed shares of the
-  loss (0.5 / 0.3 / 0.2), so telling pediatric from adult films pays less.
-* ``adult``: the robust preprocessing, trained on adult films only (ieee8023 + actualmed), classes
-  balanced: the pediatric shortcut is not in the training data at all.
+* ``lungs``: each film cropped to its lung fields by the segmenter (``cxr train-lungs``), films
+  with no lung fields skipped, and loss shares per group (:data:`GROUP_SHARES`) so that the few
+  same-source adult non-COVID films weigh as much as the many NIH and pediatric ones.
+* ``lungs-clahe``: ``lungs`` plus CLAHE contrast normalisation.
+* ``lungs-adult``: ``lungs`` trained on adult films only (ieee8023, actualmed, NIH): the
+  pediatric shortcut is not in the training data at all (validated on every source all the same).
 
-Every recipe splits the *same* way (by patient, over all sources), so all are validated on the
-same held-out patients.  Early stopping watches a second patient split carved out of the
-training patients, never the validation split, so the reported metrics are untouched by
-model selection.
+Invariants: every recipe splits the *same* way (by patient, stratified by source and label,
+over all sources), so all are validated on the same held-out patients.  Early stopping,
+calibration and the threshold use a second patient split carved out of the training patients
+(the early-stopping split), never the validation split, so the reported metrics are untouched
+by model selection.  ``--hold-out-source`` removes a whole source from training and validates
+on all of it: the closest thing in the data to a hospital the model never saw.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +32,23 @@ from typing import Any
 
 import numpy as np
 
-from ml.dataset import ADULT_SOURCES, Record, fingerprint, load_images, patient_split, read_labels
-from ml.metrics import auc_score, blocks_by_key, metric_block
+from ml.calibration import calibrate_and_choose
+from ml.dataset import (
+    NIH_SOURCE,
+    PEDIATRIC_SOURCES,
+    SAME_SOURCE_ADULT,
+    ArrayCache,
+    LoadedSet,
+    Record,
+    fingerprint,
+    load_images,
+    patient_split,
+    read_labels,
+)
+from ml.report import report_lines, validation_report
 from shared.imaging import DEFAULT_MAX_PIXELS, PreprocessConfig
+from shared.lungs import DEFAULT_SEGMENTER_PATH, LungSegmenter
+from shared.model_store import calibrate
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +56,32 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Recipe:
     preprocess: PreprocessConfig
-    weighting: str  # "classes": two labels balanced; "groups": ROBUST_SHARES
-    sources: tuple[str, ...] | None = None  # train only on these (None: all)
+    weighting: str  # "classes": two labels balanced; "groups": GROUP_SHARES
+    sources: tuple[str, ...] | None = None  # train only on these (None: all); validate on all
 
 
-ROBUST_PREPROCESS = PreprocessConfig(crop_fraction=0.08, clahe=True)
+LUNGS = PreprocessConfig(lung_crop=True)
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe(PreprocessConfig(), "classes"),
-    "robust": Recipe(ROBUST_PREPROCESS, "groups"),
-    "adult": Recipe(ROBUST_PREPROCESS, "classes", sources=ADULT_SOURCES),
+    "lungs": Recipe(LUNGS, "groups"),
+    "lungs-clahe": Recipe(PreprocessConfig(lung_crop=True, clahe=True), "groups"),
+    "lungs-adult": Recipe(LUNGS, "groups", sources=(*SAME_SOURCE_ADULT, NIH_SOURCE)),
 }
-ROBUST_SHARES = {"covid": 0.5, "adult-non-covid": 0.3, "pediatric-non-covid": 0.2}
+DEFAULT_RECIPE = "lungs"
+GROUP_SHARES = {
+    "covid": 0.5,
+    "same-source-non-covid": 0.2,
+    "nih-non-covid": 0.2,
+    "pediatric-non-covid": 0.1,
+}
+TARGET_SENSITIVITY = 0.90
 
 
 @dataclass
 class TrainOptions:
     data: Path
     out: Path
-    recipe: str = "paper"
+    recipe: str = DEFAULT_RECIPE
     epochs: int = 40
     patience: int = 8
     warmup_epochs: int = 5  # early stopping ignores these (a noisy AUC at epoch 1 must not win)
@@ -64,15 +91,30 @@ class TrainOptions:
     stop_fraction: float = 0.15  # of the training patients, watched by early stopping
     seed: int = 42
     max_images: int = 0  # 0: all; else a patient-level random subset (for quick runs)
-    threshold: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
+    segmenter: Path = DEFAULT_SEGMENTER_PATH
+    cache_dir: Path | None = None  # preprocessed arrays; None: no cache
+    hold_out_source: str = ""  # train without this source, validate on all of it
+    n_boot: int = 1000
     progress: bool = True
+
+
+@dataclass
+class Splits:
+    records: list[Record]
+    fit: list[Record]
+    stop: list[Record]
+    val: list[Record]
 
 
 def weight_group(r: Record) -> str:
     if r.label == 1:
         return "covid"
-    return "adult-non-covid" if r.source in ADULT_SOURCES else "pediatric-non-covid"
+    if r.source == NIH_SOURCE:
+        return "nih-non-covid"
+    if r.source in PEDIATRIC_SOURCES:
+        return "pediatric-non-covid"
+    return "same-source-non-covid"
 
 
 def sample_weights(records: list[Record], weighting: str) -> np.ndarray:
@@ -82,7 +124,7 @@ def sample_weights(records: list[Record], weighting: str) -> np.ndarray:
         shares = dict.fromkeys(set(keys), 0.5)
     else:
         keys = [weight_group(r) for r in records]
-        present = {k: v for k, v in ROBUST_SHARES.items() if k in keys}
+        present = {k: v for k, v in GROUP_SHARES.items() if k in keys}
         total = sum(present.values())
         shares = {k: v / total for k, v in present.items()}
     counts = {k: keys.count(k) for k in set(keys)}
@@ -98,89 +140,118 @@ def _subset(records: list[Record], max_images: int, seed: int) -> list[Record]:
     return subset
 
 
-def evaluate_split(
-    records: list[Record], probs: np.ndarray, threshold: float, n_boot: int = 1000
-) -> dict[str, Any]:
-    """Overall, adult (ieee8023 + actualmed) and per-source metrics of one split."""
-    y = np.array([r.label for r in records])
-    groups = [r.group for r in records]
-
-    def block(mask: np.ndarray) -> dict[str, Any]:
-        idx = np.flatnonzero(mask)
-        return metric_block(y[idx], probs[idx], [groups[i] for i in idx], threshold, n_boot)
-
-    sources = np.array([r.source for r in records])
-    everything = np.ones(len(records), bool)
-    result: dict[str, Any] = {"overall": block(everything)}
-    adult = np.isin(sources, ADULT_SOURCES)
-    if adult.any():
-        result["adult"] = block(adult)
-    result["by_source"] = blocks_by_key(y, probs, groups, sources, threshold, n_boot)
-    negatives = y == 0
-    ped = negatives & ~adult
-    adult_neg = negatives & adult
-    if ped.any() and adult_neg.any():
-        # Among non-COVID films only: how well does the score tell adult from pediatric?
-        # A model that learned "adult = COVID" scores this near 1; lungs alone would not.
-        both = ped | adult_neg
-        result["shortcut_auc_adult_vs_pediatric_negatives"] = auc_score(adult[both], probs[both])
-    return result
-
-
-def train(opts: TrainOptions) -> dict[str, Any]:
-    """Train, round to float16, evaluate on the validation split, write weights + metadata."""
-    import keras
-    import tensorflow as tf
-
-    from shared.model_def import build_model
-    from shared.model_store import round_weights, save_weights, write_metadata
-
-    if opts.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {opts.recipe!r}; choose from {sorted(RECIPES)}")
-    recipe = RECIPES[opts.recipe]
-    config = recipe.preprocess
-    keras.utils.set_random_seed(opts.seed)
-    tf.config.experimental.enable_op_determinism()
-
-    manifest = opts.data / "manifest.csv"
-    records = _subset(read_labels(manifest), opts.max_images, opts.seed)
+def split(opts: TrainOptions, sources: tuple[str, ...] | None = None) -> Splits:
+    """Validation, early-stopping and fit patients; no patient on two sides.  The validation
+    patients are the same whatever ``sources`` the recipe trains on."""
+    records = _subset(read_labels(opts.data / "manifest.csv"), opts.max_images, opts.seed)
     train_recs, val_recs = patient_split(records, opts.val_fraction, opts.seed)
-    if recipe.sources is not None:
-        train_recs = [r for r in train_recs if r.source in recipe.sources]
+    if sources is not None:
+        train_recs = [r for r in train_recs if r.source in sources]
+    if opts.hold_out_source:
+        held = [r for r in records if r.source == opts.hold_out_source]
+        if not held:
+            raise ValueError(f"no films of source {opts.hold_out_source!r} to hold out")
+        train_recs = [r for r in train_recs if r.source != opts.hold_out_source]
+        val_recs = [r for r in val_recs if r.source != opts.hold_out_source] + held
     fit_recs, stop_recs = patient_split(train_recs, opts.stop_fraction, opts.seed + 1)
     groups = [{r.group for r in part} for part in (fit_recs, stop_recs, val_recs)]
     if groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2]:
         raise RuntimeError("a patient is on two sides of the split")
-    log.info(
-        "split: %d fit / %d early-stopping / %d validation images",
-        len(fit_recs),
-        len(stop_recs),
-        len(val_recs),
-    )
-    train_set = load_images(opts.data, fit_recs, config, opts.max_pixels, opts.progress)
-    stop_set = load_images(opts.data, stop_recs, config, opts.max_pixels, opts.progress)
-    val_set = load_images(opts.data, val_recs, config, opts.max_pixels, opts.progress)
-    for name, loaded in (("fit", train_set), ("early-stopping", stop_set), ("validation", val_set)):
-        if loaded.unreadable:
-            log.warning("%d unreadable %s images skipped", len(loaded.unreadable), name)
-    train_recs, stop_recs, val_recs = train_set.records, stop_set.records, val_set.records
+    return Splits(records, fit_recs, stop_recs, val_recs)
 
-    augment = keras.Sequential(
+
+def load(
+    opts: TrainOptions, config: PreprocessConfig, splits: Splits
+) -> tuple[LoadedSet, LoadedSet, LoadedSet, LungSegmenter | None]:
+    """The three splits through the one preprocessing path (segmenter and cache included)."""
+    segmenter = LungSegmenter(opts.segmenter) if config.lung_crop else None
+    cache = None
+    if opts.cache_dir is not None:
+        cache = ArrayCache(opts.cache_dir, config, segmenter.sha256 if segmenter else "")
+    loaded = []
+    for name, recs in (("fit", splits.fit), ("early-stopping", splits.stop), ("val", splits.val)):
+        part = load_images(
+            opts.data, recs, config, opts.max_pixels, opts.progress, segmenter, cache
+        )
+        log.info(
+            "%s: %d films, %d skipped as not frontal, %d unreadable",
+            name,
+            len(part.records),
+            len(part.skipped),
+            len(part.unreadable),
+        )
+        loaded.append(part)
+    return loaded[0], loaded[1], loaded[2], segmenter
+
+
+def adult_monitor_weights(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of adult films, AUC sample weights): among adult non-COVID films, same-source and
+    NIH films weigh half each, so the monitored AUC cannot be earned by telling NIH apart."""
+    adult = np.array([r.source in (*SAME_SOURCE_ADULT, NIH_SOURCE) for r in records], bool)
+    w = np.ones(len(records))
+    for group in ("same-source-non-covid", "nih-non-covid"):
+        idx = [i for i, r in enumerate(records) if adult[i] and weight_group(r) == group]
+        if idx:
+            w[idx] = 0.5 / len(idx)
+    pos = [i for i, r in enumerate(records) if adult[i] and r.label == 1]
+    if pos:
+        w[pos] = 1.0 / len(pos)
+    return adult, w
+
+
+def _monitor(stop_set: LoadedSet, progress: bool) -> Any:
+    """A Keras callback that logs ``val_adult_auc`` on the early-stopping split each epoch."""
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    adult, weights = adult_monitor_weights(stop_set.records)
+    y = stop_set.y
+
+    class AdultAUC(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            probs = np.asarray(self.model(stop_set.x, training=False)).reshape(-1)
+            value = 0.5
+            if len(set(y[adult].tolist())) == 2:
+                value = roc_auc_score(y[adult], probs[adult], sample_weight=weights[adult])
+            if logs is not None:
+                logs["val_adult_auc"] = float(value)
+            if progress:
+                print(f"epoch {epoch + 1}: early-stopping adult AUC {value:.3f}", flush=True)
+
+    return AdultAUC()
+
+
+def _augment(seed: int) -> Any:
+    import keras
+
+    return keras.Sequential(
         [
-            keras.layers.RandomRotation(0.02, fill_mode="constant", seed=opts.seed),  # ~7 deg
-            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=opts.seed),
-            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=opts.seed),
-            keras.layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=opts.seed),
-            keras.layers.RandomContrast(0.1, seed=opts.seed),
+            keras.layers.RandomRotation(0.02, fill_mode="constant", seed=seed),  # ~7 deg
+            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
+            keras.layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
+            keras.layers.RandomContrast(0.1, seed=seed),
         ],
         name="augment",
     )  # no flips: the heart is on the left, markers have a side
-    weights = sample_weights(train_recs, recipe.weighting)
+
+
+def fit(
+    opts: TrainOptions, recipe: Recipe, fit_set: LoadedSet, stop_set: LoadedSet
+) -> tuple[Any, dict[str, list[float]], int]:
+    """Train with early stopping on the adult AUC of the early-stopping split."""
+    import keras
+    import tensorflow as tf
+
+    from shared.model_def import build_model
+
+    augment = _augment(opts.seed)
+    weights = sample_weights(fit_set.records, recipe.weighting)
     ds = (
         tf.data.Dataset.from_tensor_slices(
-            (train_set.x, train_set.y.astype(np.float32)[:, None], weights)
+            (fit_set.x, fit_set.y.astype(np.float32)[:, None], weights)
         )
-        .shuffle(len(train_recs), seed=opts.seed, reshuffle_each_iteration=True)
+        .shuffle(len(fit_set.records), seed=opts.seed, reshuffle_each_iteration=True)
         .batch(opts.batch_size)
         .map(
             lambda x, y, w: (tf.clip_by_value(augment(x, training=True), 0.0, 1.0), y, w),
@@ -190,17 +261,13 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         .prefetch(2)
     )
     model = build_model(seed=opts.seed)
-    model.compile(
-        optimizer=keras.optimizers.Adam(opts.learning_rate),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.AUC(name="auc")],
-    )
-    has_val_auc = len(set(stop_set.y.tolist())) == 2
-    callbacks = []
-    if has_val_auc:
+    model.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss="binary_crossentropy")
+    callbacks: list[Any] = []
+    if len(stop_set.records):
+        callbacks.append(_monitor(stop_set, opts.progress))
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_auc",
+                monitor="val_adult_auc",
                 mode="max",
                 patience=opts.patience,
                 start_from_epoch=opts.warmup_epochs,
@@ -209,71 +276,122 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         )
     history = model.fit(
         ds,
-        validation_data=(
-            (stop_set.x, stop_set.y.astype(np.float32)[:, None]) if len(stop_recs) else None
-        ),
         epochs=opts.epochs,
         callbacks=callbacks,
         shuffle=False,  # the dataset shuffles itself, reproducibly
         verbose=(1 if sys.stdout.isatty() else 2) if opts.progress else 0,
     )
+    stopper = callbacks[-1] if callbacks else None
+    ran = len(history.history["loss"])
+    best = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights else ran
+    return model, history.history, best
+
+
+def _calibrate(stop_set: LoadedSet, raw: np.ndarray) -> tuple[dict[str, Any] | None, float]:
+    adult = np.array([r.source in SAME_SOURCE_ADULT for r in stop_set.records], bool)
+    y = stop_set.y
+    if len(set(y.tolist())) < 2 or not y[adult].any():
+        log.warning("early-stopping split lacks the films to calibrate; threshold stays 0.5")
+        return None, 0.5
+    return calibrate_and_choose(y, raw, adult, TARGET_SENSITIVITY, "early-stopping split")
+
+
+def _segmenter_entry(opts: TrainOptions, segmenter: LungSegmenter | None) -> dict[str, Any] | None:
+    """Copy the segmenter beside the model (a model folder is self-contained); name it."""
+    if segmenter is None:
+        return None
+    src = Path(opts.segmenter)
+    dst = Path(opts.out).parent / src.name
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+        shutil.copyfile(src.with_suffix(".json"), dst.with_suffix(".json"))
+    return {"file": src.name, "sha256": segmenter.sha256, "version": segmenter.version}
+
+
+def _split_metadata(opts: TrainOptions, splits: Splits, sets: list[LoadedSet]) -> dict[str, Any]:
+    fit_set, stop_set, val_set = sets
+    seen = {r.group for r in splits.fit} | {r.group for r in splits.stop}
+    return {
+        "method": "patient-level, stratified by (source, label)",
+        "seed": opts.seed,
+        "val_fraction": opts.val_fraction,
+        "stop_fraction": opts.stop_fraction,
+        "held_out_source": opts.hold_out_source or None,
+        "train_sources": sorted({r.source for r in splits.fit + splits.stop}),
+        "train_images": len(fit_set.records),
+        "early_stopping_images": len(stop_set.records),
+        "val_images": len(val_set.records),
+        "skipped_images": {
+            "fit": len(fit_set.skipped),
+            "early_stopping": len(stop_set.skipped),
+            "val": len(val_set.skipped),
+        },
+        "train_patients": len({r.group for r in splits.fit}),
+        "val_patients": len({r.group for r in splits.val}),
+        "val_patient_ids": sorted({r.group for r in splits.val}),
+        # every patient the model saw (fit + early stopping): `cxr evaluate` refuses them
+        "train_patient_ids": sorted(seen),
+    }
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    """Split, load, fit, round to float16, calibrate, validate, write weights + metadata."""
+    import keras
+    import tensorflow as tf
+
+    from shared.model_store import round_weights, save_weights, write_metadata
+
+    if opts.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {opts.recipe!r}; choose from {sorted(RECIPES)}")
+    recipe = RECIPES[opts.recipe]
+    keras.utils.set_random_seed(opts.seed)
+    tf.config.experimental.enable_op_determinism()
+    splits = split(opts, recipe.sources)
+    fit_set, stop_set, val_set, segmenter = load(opts, recipe.preprocess, splits)
+    model, history, best_epoch = fit(opts, recipe, fit_set, stop_set)
     round_weights(model)
     sha = save_weights(model, opts.out)
-    probs = (
-        np.asarray(model(val_set.x, training=False)).reshape(-1) if len(val_recs) else np.zeros(0)
-    )
-    validation = evaluate_split(val_recs, probs, opts.threshold) if len(val_recs) else {}
-    stopper = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
-    best_epoch = (
-        stopper.best_epoch + 1
-        if stopper is not None and stopper.best_weights is not None
-        else len(history.history["loss"])
-    )
+
+    def raw(part: LoadedSet) -> np.ndarray:
+        return np.asarray(model(part.x, training=False)).reshape(-1) if len(part.x) else np.zeros(0)
+
+    calibration, threshold = _calibrate(stop_set, raw(stop_set))
+    probs = calibrate(raw(val_set), calibration)
     today = dt.datetime.now(dt.UTC)
     metadata = {
         "version": f"cxr-cnn-{opts.recipe}-{today:%Y%m%d}-{sha[:8]}",
         "sha256": sha,
         "architecture": "paper-cnn-5631169",
         "recipe": opts.recipe,
-        "preprocess": config.to_dict(),
-        "threshold": opts.threshold,
+        "preprocess": recipe.preprocess.to_dict(),
+        "segmenter": _segmenter_entry(opts, segmenter),
+        "calibration": calibration,
+        "threshold": threshold,
         "created_at": today.isoformat(timespec="seconds"),
         "training_data": {
-            "manifest": str(manifest),
-            "fingerprint": fingerprint(opts.data, records),
-            "images": len(records),
+            "manifest": str(opts.data / "manifest.csv"),
+            "fingerprint": fingerprint(opts.data, splits.records),
+            "images": len(splits.records),
         },
-        "split": {
-            "method": "patient-level, stratified by (source, label)",
-            "seed": opts.seed,
-            "val_fraction": opts.val_fraction,
-            "stop_fraction": opts.stop_fraction,
-            "train_sources": list(recipe.sources) if recipe.sources else "all",
-            "train_images": len(train_recs),
-            "early_stopping_images": len(stop_recs),
-            "val_images": len(val_recs),
-            "train_patients": len({r.group for r in train_recs}),
-            "val_patients": len({r.group for r in val_recs}),
-            "val_patient_ids": sorted({r.group for r in val_recs}),
-            # every patient the model saw (fit + early stopping): `cxr evaluate` refuses to
-            # count them as validation
-            "train_patient_ids": sorted(
-                {r.group for r in train_recs} | {r.group for r in stop_recs}
-            ),
-        },
+        "split": _split_metadata(opts, splits, [fit_set, stop_set, val_set]),
         "training": {
-            "epochs_run": len(history.history["loss"]),
+            "epochs_run": len(history["loss"]),
             "best_epoch": best_epoch,
+            "monitor": "adult AUC on the early-stopping split (same-source and NIH negatives "
+            "weighted half each)",
             "patience": opts.patience,
             "warmup_epochs": opts.warmup_epochs,
             "batch_size": opts.batch_size,
             "learning_rate": opts.learning_rate,
+            "weighting": GROUP_SHARES if recipe.weighting == "groups" else "classes balanced",
             "max_images": opts.max_images,
-            "history": {
-                k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()
-            },
+            "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.items()},
         },
-        "validation": validation,
+        "validation": validation_report(
+            val_set.records, probs, threshold, opts.n_boot, val_set.skipped
+        )
+        if len(val_set.records)
+        else {},
     }
     write_metadata(opts.out, metadata)
     return metadata
@@ -281,28 +399,10 @@ def train(opts: TrainOptions) -> dict[str, Any]:
 
 def summary_lines(metadata: dict[str, Any]) -> list[str]:
     """Human summary of a training run's validation metrics."""
-    lines = [f"model {metadata['version']}  sha256 {metadata['sha256']}"]
-    val = metadata.get("validation", {})
-    for key in ("overall", "adult"):
-        if key in val:
-            lines.append(f"  {key:8s} " + _fmt(val[key]))
-    for source, block in val.get("by_source", {}).items():
-        lines.append(f"  {source:8s} " + _fmt(block))
-    if "shortcut_auc_adult_vs_pediatric_negatives" in val:
-        lines.append(
-            "  shortcut check (AUC adult vs pediatric among negatives): "
-            f"{val['shortcut_auc_adult_vs_pediatric_negatives']}"
-        )
+    lines = [
+        f"model {metadata['version']}  sha256 {metadata['sha256']}",
+        f"threshold {metadata['threshold']} (calibrated probability)",
+    ]
+    if metadata.get("validation"):
+        lines += ["  " + line for line in report_lines(metadata["validation"])]
     return lines
-
-
-def _fmt(block: dict[str, Any]) -> str:
-    parts = [f"n={block['n']}"]
-    for name in ("accuracy", "sensitivity", "specificity", "auc"):
-        v = block[name]["value"]
-        ci = block[name]["ci95"]
-        parts.append(
-            f"{name}={'n/a' if v is None else f'{v:.3f}'}"
-            + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-        )
-    return "  ".join(parts)

@@ -3,7 +3,12 @@
 ``preprocess(data)`` turns the bytes of a PNG (8- or 16-bit), JPEG, BMP or TIFF file, grayscale or
 color, of any size, into the model's input: grayscale, resized to 224x224 with ``INTER_AREA``,
 float32 in [0, 1], repeated to 3 channels.  A :class:`PreprocessConfig` (stored in the model's
-metadata) adds the optional steps of the robust recipe: a border crop and CLAHE.
+metadata) adds the optional steps: a border crop, the lung-field crop and CLAHE.
+
+With ``lung_crop`` the lung segmenter (:mod:`shared.lungs`) runs on the decoded film first: a
+film in which it finds two lung fields is cropped to them with a margin; any other image is
+refused with :class:`OutOfScopeError` (it is not a frontal chest radiograph, so it is never
+scored, and never cropped at random).  The workers record it as ``skipped``, not ``failed``.
 
 The pixel count is read from the file header *before* the full decode, so a small file that
 declares a huge image (a decompression bomb) is refused without allocating it.  Every refusal is
@@ -17,6 +22,7 @@ NotAnImageError      ``not_an_image``            not PNG/JPEG/BMP/TIFF by its ma
 TruncatedImageError  ``truncated_image``         the file ends before the image does
 CorruptImageError    ``corrupt_image``           the header or the pixel data cannot be decoded
 ImageTooLargeError   ``image_too_large``         width x height above the limit (default 50 MP)
+OutOfScopeError      ``not_frontal_chest_xray``  no two lung fields found (lateral, CT, photo, ...)
 ===================  ==========================  =================================================
 """
 
@@ -30,6 +36,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from shared.lungs import CROP_MARGIN, LungSegmenter, crop
 from shared.model_def import INPUT_SIZE
 
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -69,12 +76,20 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
+class OutOfScopeError(ImageError):
+    """A readable image that is not a frontal chest radiograph: skipped, never scored."""
+
+    code = "not_frontal_chest_xray"
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Optional steps on top of the paper's preprocessing; recorded in each model's metadata."""
 
     crop_fraction: float = 0.0  # cut this fraction off every border (burnt-in text, frames)
     clahe: bool = False  # contrast-limited adaptive histogram equalisation after resizing
+    lung_crop: bool = False  # crop to the segmenter's lung fields; refuse films without them
+    lung_margin: float = CROP_MARGIN  # added around the lung box, as a fraction of its size
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -85,6 +100,8 @@ class PreprocessConfig:
         return cls(
             crop_fraction=float(data.get("crop_fraction", 0.0)),  # type: ignore[arg-type]
             clahe=bool(data.get("clahe", False)),
+            lung_crop=bool(data.get("lung_crop", False)),
+            lung_margin=float(data.get("lung_margin", CROP_MARGIN)),  # type: ignore[arg-type]
         )
 
 
@@ -193,8 +210,29 @@ def to_model_input(gray: np.ndarray, config: PreprocessConfig = PAPER) -> np.nda
     return np.repeat(small[:, :, None], 3, axis=2)
 
 
+def lung_step(
+    gray: np.ndarray, config: PreprocessConfig, segmenter: LungSegmenter | None
+) -> np.ndarray:
+    """The lung-field crop, where the config asks for it; raises OutOfScopeError."""
+    if not config.lung_crop:
+        return gray
+    if segmenter is None:
+        raise RuntimeError("this model crops to the lung fields: it needs its segmenter")
+    finding = segmenter.find(gray, config.lung_margin)
+    if finding.box is None:
+        raise OutOfScopeError(
+            f"not a frontal chest radiograph: {finding.reason.replace('_', ' ')} "
+            f"(lung area {finding.area:.2f})"
+        )
+    return crop(gray, finding.box)
+
+
 def preprocess(
-    data: bytes, config: PreprocessConfig = PAPER, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    config: PreprocessConfig = PAPER,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    segmenter: LungSegmenter | None = None,
 ) -> np.ndarray:
     """Bytes of an image file -> the model's (224, 224, 3) float32 input; raises ImageError."""
-    return to_model_input(decode_grayscale(data, max_pixels), config)
+    gray = decode_grayscale(data, max_pixels)
+    return to_model_input(lung_step(gray, config, segmenter), config)

@@ -1,8 +1,10 @@
 """Model files on disk: weights (``.npz``) plus metadata (``.json``) side by side.
 
 The metadata records the version, the sha256 of the weights file, the decision threshold, the
-preprocessing config and the validation metrics.  Loading checks the sha256, so a model that was
-swapped or corrupted on disk is refused rather than served.  Weights are stored as float16 to
+preprocessing config, the calibration and the validation metrics.  Loading checks the sha256 (of
+the segmenter too, where the model crops to the lung fields), so a model that was swapped or
+corrupted on disk is refused rather than served.  ``Classifier.predict`` returns *calibrated*
+probabilities, and the threshold applies to those.  Weights are stored as float16 to
 keep the committed file small; the metrics in the metadata were computed on exactly these
 rounded weights.
 """
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from shared.imaging import PreprocessConfig
+from shared.lungs import LungSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,25 @@ class ModelInfo:
     def label(self, probability: float) -> str:
         return "covid" if probability >= self.threshold else "non-covid"
 
+    @property
+    def segmenter_path(self) -> Path | None:
+        seg = self.metadata.get("segmenter")
+        return self.path.parent / seg["file"] if seg else None
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        """The network's sigmoid output -> the calibrated probability (Platt scaling on the
+        logit, fitted on the early-stopping split; identity where the metadata has none)."""
+        return calibrate(raw, self.metadata.get("calibration"))
+
+
+def calibrate(raw: np.ndarray, calibration: dict[str, Any] | None) -> np.ndarray:
+    raw = np.asarray(raw, np.float64)
+    if not calibration:
+        return raw.astype(np.float32)
+    logit = np.log(np.clip(raw, 1e-7, 1 - 1e-7)) - np.log(np.clip(1 - raw, 1e-7, 1))
+    z = float(calibration["slope"]) * logit + float(calibration["intercept"])
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
 
 def read_model_info(weights_path: Path, verify: bool = True) -> ModelInfo:
     """Read and (by default) checksum-verify a model's metadata."""
@@ -74,6 +96,8 @@ def read_model_info(weights_path: Path, verify: bool = True) -> ModelInfo:
                 f"checksum mismatch for {weights_path}: metadata says {meta['sha256']}, "
                 f"file is {actual}"
             )
+    if verify and meta.get("segmenter"):
+        _verify_segmenter(weights_path.parent / meta["segmenter"]["file"], meta["segmenter"])
     return ModelInfo(
         path=weights_path,
         version=str(meta["version"]),
@@ -82,6 +106,21 @@ def read_model_info(weights_path: Path, verify: bool = True) -> ModelInfo:
         preprocess=PreprocessConfig.from_dict(meta.get("preprocess")),
         metadata=meta,
     )
+
+
+def _verify_segmenter(path: Path, entry: dict[str, Any]) -> None:
+    """The segmenter a model names must be beside it, intact, and the one it was trained with."""
+    from shared.lungs import SegmenterFileError, read_segmenter_metadata
+
+    try:
+        meta = read_segmenter_metadata(path)
+    except SegmenterFileError as exc:
+        raise ModelFileError(str(exc)) from exc
+    if meta.get("sha256") != entry.get("sha256"):
+        raise ModelFileError(
+            f"{path} is not the segmenter this model was trained with "
+            f"(sha256 {str(meta.get('sha256'))[:12]}, expected {str(entry.get('sha256'))[:12]})"
+        )
 
 
 def save_weights(model: Any, path: Path) -> str:
@@ -131,13 +170,23 @@ class Classifier:
             reduce_retracing=True,
         )
         self._fn(np.zeros((1, *INPUT_SHAPE), np.float32))  # trace once, now
+        self.segmenter: LungSegmenter | None = None
+        if info.preprocess.lung_crop:
+            seg_path = info.segmenter_path
+            if seg_path is None:
+                raise ModelFileError(f"{info.path} crops to the lung fields but names no segmenter")
+            self.segmenter = LungSegmenter(seg_path, info.metadata["segmenter"].get("sha256"))
 
     @classmethod
     def load(cls, path: Path, threads: int = 0) -> Classifier:
         return cls(read_model_info(path), threads=threads)
 
     def predict(self, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Probabilities of COVID-19 for a (n, 224, 224, 3) float32 batch."""
+        """Calibrated probabilities of COVID-19 for a (n, 224, 224, 3) float32 batch."""
+        return self.info.calibrate(self.predict_raw(batch, batch_size))
+
+    def predict_raw(self, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The network's own sigmoid output, before calibration."""
         if len(batch) == 0:
             return np.zeros((0,), np.float32)
         out = [

@@ -30,12 +30,18 @@ def new_id() -> str:
 
 
 class ImageStatus:
+    """Every accepted image ends in exactly one terminal status: ``completed`` (with exactly one
+    result row), ``failed`` (an error code and message: the image could not be processed) or
+    ``skipped`` (an error code and message: a readable image that is out of the model's scope,
+    e.g. ``not_frontal_chest_xray``; never scored, no result row)."""
+
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
-    ALL = (QUEUED, RUNNING, COMPLETED, FAILED)
-    TERMINAL = (COMPLETED, FAILED)
+    SKIPPED = "skipped"
+    ALL = (QUEUED, RUNNING, COMPLETED, FAILED, SKIPPED)
+    TERMINAL = (COMPLETED, FAILED, SKIPPED)
 
 
 class ChunkStatus:
@@ -53,16 +59,27 @@ class JobStatus:
 
     @staticmethod
     def from_counts(counts: dict[str, int]) -> str:
+        """The job status from its images' status counts:
+
+        * ``queued``: no images, or all of them queued;
+        * ``running``: some image is not terminal yet;
+        * ``completed``: every image is ``completed`` or ``skipped`` (none ``failed``), also when
+          all of them are skipped: a skipped image is a finished answer ("not in scope"), not
+          an error;
+        * ``failed``: every image is ``failed``;
+        * ``completed_with_errors``: some ``failed``, the rest ``completed`` or ``skipped``
+          (so ``skipped`` + ``failed`` with nothing ``completed`` is this, not ``failed``).
+        """
         total = sum(counts.values())
-        done = counts.get(ImageStatus.COMPLETED, 0)
         failed = counts.get(ImageStatus.FAILED, 0)
+        finished = sum(counts.get(s, 0) for s in ImageStatus.TERMINAL)
         if total == 0 or counts.get(ImageStatus.QUEUED, 0) == total:
             return JobStatus.QUEUED
-        if done + failed < total:
+        if finished < total:
             return JobStatus.RUNNING
         if failed == 0:
             return JobStatus.COMPLETED
-        if done == 0:
+        if failed == total:
             return JobStatus.FAILED
         return JobStatus.COMPLETED_WITH_ERRORS
 

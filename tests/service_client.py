@@ -50,24 +50,27 @@ def result_rows(database_url: str, job_id: str) -> dict[str, int]:
 
 
 def assert_exactly_one_outcome(database_url: str, job_ids: list[str]) -> dict[str, int]:
-    """Every image of these jobs is terminal; completed ones have exactly one result row and
-    failed ones none.  Returns the count of images per status."""
+    """Every image of these jobs is terminal; completed ones have exactly one result row,
+    failed and skipped ones none (and a recorded reason).  Returns the count of images per
+    status."""
     engine = make_engine(database_url)
     counts: dict[str, int] = {}
     try:
         with make_session_factory(engine)() as session:
             rows = session.execute(
-                select(Image.id, Image.status, func.count(Result.image_id))
+                select(Image.id, Image.status, Image.error_code, func.count(Result.image_id))
                 .outerjoin(Result, Result.image_id == Image.id)
                 .where(Image.job_id.in_(job_ids))
-                .group_by(Image.id, Image.status)
+                .group_by(Image.id, Image.status, Image.error_code)
             ).all()
     finally:
         engine.dispose()
     assert rows, "no images"
-    for image_id, status, n_results in rows:
+    for image_id, status, error_code, n_results in rows:
         assert status in ImageStatus.TERMINAL, f"image {image_id} ended {status}"
         expected = 1 if status == ImageStatus.COMPLETED else 0
         assert n_results == expected, f"image {image_id} ({status}) has {n_results} results"
+        if status != ImageStatus.COMPLETED:
+            assert error_code, f"image {image_id} ended {status} without a reason"
         counts[status] = counts.get(status, 0) + 1
     return counts

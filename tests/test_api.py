@@ -12,7 +12,9 @@ import pytest
 from sqlalchemy import func, select
 
 from api.extensions import service
-from shared.models import Chunk, Image
+from cli.client import format_table, summary
+from shared.db import utcnow
+from shared.models import Chunk, Image, ImageStatus, JobStatus, Result
 from tests.factories import (
     jpeg_bytes,
     mark_encrypted,
@@ -96,7 +98,13 @@ def test_bad_images_fail_at_the_door_and_the_rest_is_accepted(client) -> None:
     assert images["notes.png"]["error"]["code"] == "not_an_image"
     assert images["half.png"]["error"]["code"] == "truncated_image"
     job = client.get(resp.headers["Location"]).get_json()
-    assert job["counts"] == {"queued": 1, "running": 0, "completed": 0, "failed": 3}
+    assert job["counts"] == {
+        "queued": 1,
+        "running": 0,
+        "completed": 0,
+        "failed": 3,
+        "skipped": 0,
+    }
     assert job["status"] == "running"
 
 
@@ -292,6 +300,83 @@ def test_image_and_csv_reads(client) -> None:
     assert lines[0].startswith("image_id,filename,status,probability,label")
     assert len(lines) == 3
     assert ",bad.png,failed,,,empty_image," in lines[2]
+
+
+def test_skipped_image_shows_its_reason_and_no_probability(client, app) -> None:
+    """A worker's outcome written straight into the rows (as ``worker.processing`` writes it):
+    one image completed with its result, one skipped as out of scope."""
+    body = post_files(
+        client, [("chest.png", png_bytes(1)), ("lateral.png", png_bytes(2))]
+    ).get_json()
+    done_id, skipped_id = (i["id"] for i in body["images"])
+    with app.app_context(), service.state.sessions.begin() as session:
+        done = session.get(Image, done_id)
+        done.status, done.finished_at = ImageStatus.COMPLETED, utcnow()
+        session.add(
+            Result(image_id=done_id, probability=0.25, label="non-covid", model_version="test")
+        )
+        skipped = session.get(Image, skipped_id)
+        skipped.status, skipped.finished_at = ImageStatus.SKIPPED, utcnow()
+        skipped.error_code = "not_frontal_chest_xray"
+        skipped.error_message = "not a frontal chest radiograph: not two lung fields"
+
+    job = client.get(f"/v1/jobs/{body['id']}").get_json()
+    assert job["status"] == "completed"
+    assert job["counts"] == {"queued": 0, "running": 0, "completed": 1, "failed": 0, "skipped": 1}
+    assert job["progress"] == 1.0
+    assert job["completed_at"] is not None
+    by_name = {i["filename"]: i for i in job["images"]}
+    assert by_name["lateral.png"]["status"] == "skipped"
+    assert by_name["lateral.png"]["probability"] is None
+    assert by_name["lateral.png"]["label"] is None
+    assert by_name["lateral.png"]["error"] == {
+        "code": "not_frontal_chest_xray",
+        "message": "not a frontal chest radiograph: not two lung fields",
+    }
+    assert by_name["chest.png"]["error"] is None
+    assert by_name["chest.png"]["probability"] == 0.25
+
+    only = client.get(f"/v1/jobs/{body['id']}?status=skipped").get_json()
+    assert [i["filename"] for i in only["images"]] == ["lateral.png"]
+    image = client.get(f"/v1/images/{skipped_id}").get_json()
+    assert image["status"] == "skipped"
+    assert image["error"]["code"] == "not_frontal_chest_xray"
+    assert image["probability"] is None
+    assert image["model_version"] is None
+
+    lines = client.get(f"/v1/jobs/{body['id']}/results.csv").get_data(as_text=True).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == (
+        f"{skipped_id},lateral.png,skipped,,,not_frontal_chest_xray,"
+        "not a frontal chest radiograph: not two lung fields,"
+    )
+
+    # what `cxr wait` / `cxr results` print from the same answer
+    assert summary(job["counts"]) == "1 completed, 0 failed, 1 skipped (out of scope)"
+    table = format_table(job["images"]).splitlines()
+    assert "skipped" in table[2]
+    assert "not_frontal_chest_xray: not a frontal chest radiograph" in table[2]
+    assert "0.250" in table[1]
+
+
+@pytest.mark.parametrize(
+    ("counts", "status"),
+    [
+        ({"completed": 2, "skipped": 1}, JobStatus.COMPLETED),
+        ({"skipped": 3}, JobStatus.COMPLETED),
+        ({"completed": 1, "skipped": 1, "failed": 1}, JobStatus.COMPLETED_WITH_ERRORS),
+        ({"skipped": 1, "failed": 1}, JobStatus.COMPLETED_WITH_ERRORS),
+        ({"failed": 2}, JobStatus.FAILED),
+        ({"skipped": 1, "running": 1}, JobStatus.RUNNING),
+        ({"skipped": 1, "queued": 1}, JobStatus.RUNNING),
+        ({"queued": 2, "skipped": 0}, JobStatus.QUEUED),
+        ({"completed": 1, "failed": 1}, JobStatus.COMPLETED_WITH_ERRORS),
+    ],
+)
+def test_job_status_counts_skipped_images_as_finished(counts, status) -> None:
+    full = dict.fromkeys(ImageStatus.ALL, 0) | counts
+    assert JobStatus.from_counts(full) == status
+    assert JobStatus.from_counts(counts) == status
 
 
 def test_long_and_unicode_filenames(client) -> None:

@@ -170,9 +170,10 @@ def test_report_shape(constant_report: dict[str, Any]) -> None:
     assert r["threshold"] == 0.5
     assert r["n"] == len(ROWS)
     assert r["n_listed"] == len(ROWS) + 1
-    for key in ("n", "threshold", "model_version", *METRIC_KEYS, "by_source", "unreadable"):
+    for key in ("n", "threshold", "model_version", "mixed", "by_source", "unreadable", "skipped"):
         assert key in r
-    _check_block(r)
+    assert r["skipped"] == {"n": 0, "by_source": {}}
+    _check_block(r["mixed"])
     assert set(r["by_source"]) == {"srcA", "srcB", "srcC"}
     for source, block in r["by_source"].items():
         assert block["n"] == sum(row[2] == source for row in ROWS)
@@ -192,11 +193,11 @@ def test_constant_model_metrics(constant_report: dict[str, Any]) -> None:
     n_pos = sum(row[1] == "covid" for row in ROWS)
     for pred in r["predictions"]:
         assert pred["probability"] == pytest.approx(CONSTANT_P, abs=1e-5)
-    assert r["accuracy"]["value"] == pytest.approx(n_pos / len(ROWS))
-    assert r["sensitivity"] == {"value": 1.0, "ci95": [1.0, 1.0]}
-    assert r["specificity"] == {"value": 0.0, "ci95": [0.0, 0.0]}
-    assert r["auc"] == {"value": 0.5, "ci95": [0.5, 0.5]}
-    assert r["confusion"] == {"tp": n_pos, "fp": len(ROWS) - n_pos, "tn": 0, "fn": 0}
+    assert r["mixed"]["accuracy"]["value"] == pytest.approx(n_pos / len(ROWS))
+    assert r["mixed"]["sensitivity"] == {"value": 1.0, "ci95": [1.0, 1.0]}
+    assert r["mixed"]["specificity"] == {"value": 0.0, "ci95": [0.0, 0.0]}
+    assert r["mixed"]["auc"] == {"value": 0.5, "ci95": [0.5, 0.5]}
+    assert r["mixed"]["confusion"] == {"tp": n_pos, "fp": len(ROWS) - n_pos, "tn": 0, "fn": 0}
     a = r["by_source"]["srcA"]
     assert a["accuracy"]["value"] == pytest.approx(3 / 6)
     assert a["auc"]["value"] == 0.5
@@ -237,10 +238,10 @@ def test_brightness_model_separates_perfectly(
         else:
             assert pred["probability"] < 0.2, pred
     for key in METRIC_KEYS:
-        assert r[key] == {"value": 1.0, "ci95": [1.0, 1.0]}, key
+        assert r["mixed"][key] == {"value": 1.0, "ci95": [1.0, 1.0]}, key
     assert r["by_source"]["srcA"]["auc"] == {"value": 1.0, "ci95": [1.0, 1.0]}
     assert r["by_source"]["srcC"]["auc"]["value"] is None
-    assert r["confusion"]["fp"] == r["confusion"]["fn"] == 0
+    assert r["mixed"]["confusion"]["fp"] == r["mixed"]["confusion"]["fn"] == 0
     assert (tmp_path / "report.roc.png").is_file()
 
 
@@ -279,3 +280,39 @@ def test_training_patients_are_refused(
     kept = [row for row in ROWS if row[3] in patients[1:]]
     assert report["n"] == len(kept)
     assert report["validation_only"] is True
+
+
+def test_out_of_scope_films_are_counted_as_skipped_per_source(
+    keras_model: Any, tmp_path: Path
+) -> None:
+    """A model that crops to the lung fields skips what has none, and says how many, by source."""
+    import shutil
+
+    from ml.synthetic import generate
+    from shared.lungs import DEFAULT_SEGMENTER_PATH
+    from tests.factories import xray_like
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    rows = []
+    for i in range(4):
+        cv2.imwrite(str(folder / f"f{i}.png"), xray_like(i))
+        rows.append((f"f{i}.png", ("covid", "non-covid")[i % 2], "ieee8023", f"p{i}"))
+    cv2.imwrite(str(folder / "doc.png"), generate("document", 0))
+    rows.append(("doc.png", "non-covid", "nih", "p9"))
+    labels = folder / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows([("file", "label", "source", "patient"), *rows])
+    model = constant_model(keras_model, tmp_path / "m" / "model.npz")
+    for suffix in (".npz", ".json"):
+        shutil.copyfile(DEFAULT_SEGMENTER_PATH.with_suffix(suffix), model.parent / f"lungs{suffix}")
+    meta = json.loads(model.with_suffix(".json").read_text())
+    seg_meta = json.loads(DEFAULT_SEGMENTER_PATH.with_suffix(".json").read_text())
+    meta["preprocess"] = {"lung_crop": True}
+    meta["segmenter"] = {"file": "lungs.npz", "sha256": seg_meta["sha256"]}
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    r = _evaluate(folder, labels, model, tmp_path / "r.json")
+    assert r["skipped"] == {"n": 1, "by_source": {"nih": 1}}
+    assert r["skipped_files"] == ["doc.png"]
+    assert r["n"] == 4
+    assert r["adult"]["n"] == 4

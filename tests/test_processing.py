@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as dt
 
+import cv2
+import numpy as np
 import pytest
 import redis as redis_lib
 from sqlalchemy import func, select
 
 from shared.db import as_utc, make_engine, make_session_factory, utcnow
+from shared.imaging import OutOfScopeError
+from shared.lungs import DEFAULT_SEGMENTER_PATH, LungSegmenter
 from shared.model_store import Classifier
 from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
 from shared.queue import QUEUE, make_celery
 from shared.settings import DEFAULT_MODEL_PATH
 from shared.storage import LocalBlobStore
-from tests.factories import make_job, png_bytes, truncated
-from worker.processing import TOO_MANY_ATTEMPTS, process_chunk
+from tests.factories import encode, make_job, png_bytes, truncated
+from worker.processing import (
+    TOO_MANY_ATTEMPTS,
+    ChunkOutcome,
+    _complete,
+    _skip,
+    process_chunk,
+)
 from worker.sweeper import sweep
 
 
@@ -109,6 +121,77 @@ def test_undecodable_image_fails_alone(stack) -> None:
     outcome = run(chunk_id)
     assert (outcome.completed, outcome.failed) == (1, 1)
     assert statuses(sessions, ids)[1][:2] == (ImageStatus.FAILED, "truncated_image")
+
+
+def one_lung_field(seed: int) -> bytes:
+    """A film with a single dark field in the middle, as a lateral view shows."""
+    rng = np.random.default_rng(seed)
+    img = np.full((300, 256), 180, np.float32)
+    cv2.ellipse(img, (128, 150), (60, 100), 0, 0, 360, 70.0, -1)
+    img += rng.normal(0, 20, img.shape)
+    return encode(np.clip(img, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def lung_crop_classifier(classifier) -> Classifier:
+    """The bundled network, as a model that crops to the lung fields would serve it (a shallow
+    copy: the module's classifier is left as it is)."""
+    clf = copy.copy(classifier)
+    clf.info = dataclasses.replace(
+        classifier.info,
+        preprocess=dataclasses.replace(classifier.info.preprocess, lung_crop=True),
+    )
+    clf.segmenter = LungSegmenter(DEFAULT_SEGMENTER_PATH)
+    return clf
+
+
+def test_out_of_scope_image_is_skipped_with_no_result(
+    stack, settings, lung_crop_classifier
+) -> None:
+    sessions, blobs, _ = stack
+    _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(1), one_lung_field(7), png_bytes(2)])
+    outcome = process_chunk(chunk_id, sessions, blobs, lambda: lung_crop_classifier, settings)
+    assert outcome == ChunkOutcome(completed=2, out_of_scope=1)
+    states = statuses(sessions, ids)
+    assert states[1][:2] == (ImageStatus.SKIPPED, OutOfScopeError.code)
+    assert OutOfScopeError.code == "not_frontal_chest_xray"
+    assert states[0][0] == states[2][0] == ImageStatus.COMPLETED
+    assert result_count(sessions, [ids[1]]) == 0
+    assert result_count(sessions, [ids[0], ids[2]]) == 2
+    with sessions() as session:
+        skipped = session.get(Image, ids[1])
+        assert skipped.error_message.startswith("not a frontal chest radiograph")
+        assert skipped.finished_at is not None
+        assert session.get(Chunk, chunk_id).status == ChunkStatus.DONE
+    # a redelivery of the finished chunk changes nothing
+    again = process_chunk(chunk_id, sessions, blobs, lambda: lung_crop_classifier, settings)
+    assert again == ChunkOutcome()
+    # nor can a stale execution (one that scored the image with another model) complete it
+    with sessions.begin() as session:
+        assert not _complete(session, lung_crop_classifier, ids[1], 0.9)
+        assert not _skip(session, ids[0], OutOfScopeError.code, "stale")
+    assert statuses(sessions, ids) == states
+    assert result_count(sessions, ids) == 2
+
+
+def test_out_of_scope_image_is_skipped_also_image_by_image(
+    stack, settings, lung_crop_classifier
+) -> None:
+    """After an interruption the chunk goes image by image; the skip is recorded the same way."""
+    sessions, blobs, _ = stack
+    _, (chunk_id,), ids = make_job(
+        sessions, blobs, [one_lung_field(3), png_bytes(4)], status=ChunkStatus.RUNNING, attempts=1
+    )
+    with sessions.begin() as session:
+        for image in session.scalars(select(Image).where(Image.id.in_(ids))):
+            image.status, image.attempts = ImageStatus.RUNNING, 1
+    outcome = process_chunk(chunk_id, sessions, blobs, lambda: lung_crop_classifier, settings)
+    assert outcome == ChunkOutcome(completed=1, out_of_scope=1)
+    assert statuses(sessions, ids) == [
+        (ImageStatus.SKIPPED, "not_frontal_chest_xray", 2),
+        (ImageStatus.COMPLETED, None, 2),
+    ]
+    assert result_count(sessions, ids) == 1
 
 
 def queue_length(redis_url: str) -> int:

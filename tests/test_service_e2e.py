@@ -41,12 +41,19 @@ def test_submit_poll_and_results_match_the_model(
     body = wait_done(http, live_server, job["id"])
 
     assert body["status"] == "completed_with_errors"
-    assert body["counts"] == {"queued": 0, "running": 0, "completed": 8, "failed": 3}
+    assert body["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "completed": 8,
+        "failed": 3,
+        "skipped": 0,
+    }
     assert body["progress"] == 1.0
     assert body["completed_at"] is not None
     by_name = {i["filename"]: i for i in body["images"]}
-    expected = reference_classifier.predict(
-        np.stack([preprocess(d, reference_classifier.info.preprocess) for _, d in good])
+    ref = reference_classifier
+    expected = ref.predict(
+        np.stack([preprocess(d, ref.info.preprocess, segmenter=ref.segmenter) for _, d in good])
     )
     for (name, _), prob in zip(good, expected, strict=True):
         image = by_name[name]
@@ -82,6 +89,36 @@ def test_corrupt_pixel_data_fails_only_that_image(http, live_server, start_worke
     assert by_name["broken.png"]["status"] == "failed"
     assert by_name["broken.png"]["error"]["code"] == "corrupt_image"
     assert body["status"] == "completed_with_errors"
+
+
+def test_non_chest_image_ends_skipped_through_the_service(
+    http, live_server, start_worker, database_url, reference_classifier
+) -> None:
+    """A generated document and a noise frame are not frontal chest films: the job completes,
+    with them ``skipped`` (code ``not_frontal_chest_xray``), no probability and no result row."""
+    from ml.synthetic import generate
+    from ml.synthetic import png_bytes as synthetic_png
+
+    assert reference_classifier.info.preprocess.lung_crop, "the bundled model checks scope"
+    start_worker()
+    files = [
+        ("film.png", png_bytes(3)),
+        ("letter.png", synthetic_png(generate("document", 1))),
+        ("noise.png", synthetic_png(generate("noise", 2))),
+    ]
+    job = submit(http, live_server, files)
+    body = wait_done(http, live_server, job["id"])
+    assert body["status"] == "completed"
+    assert body["counts"]["completed"] == 1
+    assert body["counts"]["skipped"] == 2
+    by_name = {i["filename"]: i for i in body["images"]}
+    assert by_name["film.png"]["status"] == "completed"
+    for name in ("letter.png", "noise.png"):
+        assert by_name[name]["status"] == "skipped"
+        assert by_name[name]["error"]["code"] == "not_frontal_chest_xray"
+        assert by_name[name]["probability"] is None
+        assert by_name[name]["label"] is None
+    assert len(result_rows(database_url, job["id"])) == 1
 
 
 def test_two_workers_share_a_big_job(http, live_server, start_worker, database_url) -> None:

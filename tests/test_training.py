@@ -12,9 +12,11 @@ import pytest
 
 from cli.main import main
 from ml.dataset import Record, patient_split, read_labels
-from ml.train import sample_weights
+from ml.train import TrainOptions, sample_weights, split
 from shared.model_store import Classifier, read_model_info, sha256_file
 from tests.factories import xray_like
+
+SOURCES = ("ieee8023", "nih", "kermany")
 
 
 def write_folder(folder: Path, n_patients: int = 12, per_patient: int = 2) -> None:
@@ -23,7 +25,7 @@ def write_folder(folder: Path, n_patients: int = 12, per_patient: int = 2) -> No
     rows = []
     for p in range(n_patients):
         label = "covid" if p % 2 else "non-covid"
-        source = ("siteA", "siteB")[p % 3 == 0]
+        source = "ieee8023" if label == "covid" else SOURCES[p % 3]
         for k in range(per_patient):
             img = xray_like(p * 10 + k, height=180, width=160)
             if label == "covid":
@@ -54,29 +56,40 @@ def test_patient_split_keeps_patients_whole_and_is_reproducible() -> None:
     assert [r.file for r in other_val] != [r.file for r in val]
 
 
-def test_robust_weights_give_fixed_shares() -> None:
+def test_group_weights_give_fixed_shares() -> None:
     records = (
         [Record(f"c{i}", 1, "ieee8023", f"c{i}") for i in range(30)]
         + [Record(f"a{i}", 0, "ieee8023", f"a{i}") for i in range(5)]
+        + [Record(f"n{i}", 0, "nih", f"n{i}") for i in range(40)]
         + [Record(f"k{i}", 0, "kermany", f"k{i}") for i in range(65)]
     )
     w = sample_weights(records, "groups")
     assert w.mean() == pytest.approx(1.0)
     share = {
         "covid": w[:30].sum() / w.sum(),
-        "adult": w[30:35].sum() / w.sum(),
-        "pediatric": w[35:].sum() / w.sum(),
+        "same-source": w[30:35].sum() / w.sum(),
+        "nih": w[35:75].sum() / w.sum(),
+        "pediatric": w[75:].sum() / w.sum(),
     }
-    assert share == pytest.approx({"covid": 0.5, "adult": 0.3, "pediatric": 0.2})
+    assert share == pytest.approx(
+        {"covid": 0.5, "same-source": 0.2, "nih": 0.2, "pediatric": 0.1}
+    )
     paper = sample_weights(records, "classes")
     assert paper[:30].sum() == pytest.approx(paper[30:].sum())
 
 
-def test_tiny_training_run_writes_a_loadable_model(tmp_path: Path, capsys) -> None:
+def test_held_out_source_is_validation_only(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    write_folder(data)
-    out = tmp_path / "model" / "m.npz"
-    argv = [
+    write_folder(data, n_patients=30, per_patient=1)
+    splits = split(TrainOptions(data=data, out=tmp_path / "m.npz", hold_out_source="nih"))
+    nih = {r.file for r in read_labels(data / "manifest.csv") if r.source == "nih"}
+    assert nih
+    assert nih <= {r.file for r in splits.val}
+    assert not nih & {r.file for r in splits.fit + splits.stop}
+
+
+def _train_argv(data: Path, out: Path, cache: Path) -> list[str]:
+    return [
         "train",
         "--data",
         str(data),
@@ -84,30 +97,66 @@ def test_tiny_training_run_writes_a_loadable_model(tmp_path: Path, capsys) -> No
         str(out),
         "--epochs",
         "2",
+        "--warmup-epochs",
+        "0",
         "--quiet",
         "--recipe",
-        "robust",
+        "lungs",
+        "--cache-dir",
+        str(cache),
+        "--bootstrap",
+        "50",
     ]
-    assert main(argv) == 0
+
+
+def test_tiny_training_run_writes_a_loadable_model(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    write_folder(data, n_patients=24)
+    out = tmp_path / "model" / "m.npz"
+    assert main(_train_argv(data, out, tmp_path / "cache")) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["sha256"] == sha256_file(out)
-    assert meta["version"].startswith("cxr-cnn-robust-")
-    assert meta["split"]["val_images"] > 0
-    split = meta["split"]
-    assert split["train_images"] + split["early_stopping_images"] + split["val_images"] == 24
-    assert meta["preprocess"] == {"crop_fraction": 0.08, "clahe": True}
+    assert meta["version"].startswith("cxr-cnn-lungs-")
+    split_meta = meta["split"]
+    assert split_meta["val_images"] > 0
+    skipped = sum(split_meta["skipped_images"].values())
+    total = split_meta["train_images"] + split_meta["early_stopping_images"]
+    assert total + split_meta["val_images"] + skipped == 48
+    assert meta["preprocess"]["lung_crop"] is True
+    assert meta["segmenter"]["sha256"] == sha256_file(out.parent / meta["segmenter"]["file"])
     assert len(meta["training_data"]["fingerprint"]) == 64
     for key in ("accuracy", "sensitivity", "specificity", "auc"):
-        assert set(meta["validation"]["overall"][key]) == {"value", "ci95"}
+        assert set(meta["validation"]["mixed"][key]) == {"value", "ci95"}
+    assert set(meta["validation"]["audits"]) == {
+        "audit_adult_vs_pediatric",
+        "audit_nih_vs_same_source",
+    }
     val_patients = set(meta["split"]["val_patient_ids"])
-    train_files = {r.patient for r in read_labels(data / "manifest.csv")} - val_patients
-    assert train_files
     assert val_patients
+    assert not val_patients & set(meta["split"]["train_patient_ids"])
     info = read_model_info(out)
-    assert info.threshold == 0.5
-    probs = Classifier(info).predict(np.zeros((2, 224, 224, 3), np.float32))
+    clf = Classifier(info)
+    assert clf.segmenter is not None
+    probs = clf.predict(np.zeros((2, 224, 224, 3), np.float32))
     assert probs.shape == (2,)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_training_is_deterministic_and_the_cache_changes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_folder(data, n_patients=12)
+    cache = tmp_path / "cache"
+    first, second = tmp_path / "a" / "m.npz", tmp_path / "b" / "m.npz"
+    assert main(_train_argv(data, first, cache)) == 0
+    cached = sorted(p.name for p in cache.iterdir())
+    assert len(cached) == 24  # one entry per film (an array, or the reason it was refused)
+    assert main(_train_argv(data, second, cache)) == 0  # every film now read from the cache
+    assert sorted(p.name for p in cache.iterdir()) == cached
+    assert sha256_file(first) == sha256_file(second)
+    a = json.loads(first.with_suffix(".json").read_text())
+    b = json.loads(second.with_suffix(".json").read_text())
+    assert a["validation"] == b["validation"]
+    assert a["threshold"] == b["threshold"]
 
 
 @pytest.mark.realdata
@@ -125,11 +174,13 @@ def test_short_training_run_on_real_xrays(real_data_dir: Path, tmp_path: Path) -
         "80",
         "--quiet",
         "--recipe",
-        "paper",
+        "lungs",
+        "--no-cache",
     ]
     assert main(argv) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["training_data"]["images"] <= 100
     assert meta["split"]["train_patients"] > 0
-    assert meta["validation"]["overall"]["n"] == meta["split"]["val_images"]
+    assert meta["validation"]["mixed"]["n"] == meta["split"]["val_images"]
     assert "by_source" in meta["validation"]
+    assert "adult" in meta["validation"]

@@ -5,7 +5,9 @@ the same chunk (a redelivery racing a slow worker) cannot undo each other's work
 
 * an image becomes ``completed`` only from a non-terminal status, and its result row is upserted
   in the same transaction, only when that transition happened: exactly one result per image;
-* an image becomes ``failed`` only from a non-terminal status;
+* an image becomes ``failed`` only from a non-terminal status, and ``skipped`` likewise (a readable
+  image the model's lung-field step finds out of scope, :class:`OutOfScopeError`: it gets an
+  error code and message, never a probability and never a result row);
 * a chunk becomes ``done`` only when none of its images is still non-terminal.
 
 ``attempts`` counts *interrupted* attempts: an image found ``running`` when a chunk is claimed
@@ -28,7 +30,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import insert_for, utcnow
-from shared.imaging import ImageError, preprocess
+from shared.imaging import ImageError, OutOfScopeError, preprocess
 from shared.model_store import Classifier
 from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
 from shared.settings import Settings
@@ -45,9 +47,13 @@ MAX_CHUNK_CLAIMS = 30
 
 @dataclass
 class ChunkOutcome:
+    """What this execution changed: images it completed, failed and skipped (out of scope), and
+    the ones it found already terminal (another execution got there first: nothing done)."""
+
     completed: int = 0
     failed: int = 0
-    skipped: int = 0
+    out_of_scope: int = 0
+    already_done: int = 0
 
 
 def _fail(
@@ -68,6 +74,23 @@ def _fail(
         )
     )
     return result.rowcount
+
+
+def _skip(session: Session, image_id: str, code: str, message: str) -> bool:
+    """Non-terminal -> skipped (out of the model's scope), with the reason; no result row.
+    False if the image was already terminal."""
+    return bool(
+        session.execute(
+            update(Image)
+            .where(Image.id == image_id, NOT_TERMINAL)
+            .values(
+                status=ImageStatus.SKIPPED,
+                error_code=code,
+                error_message=message[:500],
+                finished_at=utcnow(),
+            )
+        ).rowcount
+    )
 
 
 def _complete(session: Session, classifier: Classifier, image_id: str, probability: float) -> bool:
@@ -174,7 +197,12 @@ def _decode(
     except BlobCorruptError:
         return ImageError("the stored image does not match its checksum")
     try:
-        return preprocess(data, classifier.info.preprocess, settings.max_image_pixels)
+        return preprocess(
+            data,
+            classifier.info.preprocess,
+            settings.max_image_pixels,
+            segmenter=classifier.segmenter,
+        )
     except ImageError as exc:
         return exc
 
@@ -198,9 +226,12 @@ def _classify(
     arrays: list[np.ndarray] = []
     ok_ids: list[str] = []
     failures: list[tuple[str, ImageError]] = []
+    out_of_scope: list[tuple[str, OutOfScopeError]] = []
     for image_id, key in rows:
         decoded = _decode(blobs, key, classifier, settings)
-        if isinstance(decoded, ImageError):
+        if isinstance(decoded, OutOfScopeError):
+            out_of_scope.append((image_id, decoded))
+        elif isinstance(decoded, ImageError):
             failures.append((image_id, decoded))
         else:
             arrays.append(decoded)
@@ -208,12 +239,20 @@ def _classify(
     probs = classifier.predict(np.stack(arrays)) if arrays else np.zeros(0)
     with session_factory.begin() as session:
         for image_id, error in failures:
-            outcome.failed += _fail(session, [image_id], error.code, error.message)
+            if _fail(session, [image_id], error.code, error.message):
+                outcome.failed += 1
+            else:
+                outcome.already_done += 1
+        for image_id, error in out_of_scope:
+            if _skip(session, image_id, error.code, error.message):
+                outcome.out_of_scope += 1
+            else:
+                outcome.already_done += 1
         for image_id, prob in zip(ok_ids, probs, strict=True):
             if _complete(session, classifier, image_id, float(prob)):
                 outcome.completed += 1
             else:
-                outcome.skipped += 1
+                outcome.already_done += 1
 
 
 def _finish(session: Session, chunk_id: str) -> bool:
@@ -267,7 +306,7 @@ def process_chunk(
         for image_id in pending:
             with session_factory.begin() as session:
                 if not _mark_running(session, [image_id]):
-                    outcome.skipped += 1
+                    outcome.already_done += 1
                     continue
             _classify(session_factory, [image_id], blobs, classifier, settings, outcome)
     with session_factory.begin() as session:

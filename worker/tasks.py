@@ -59,9 +59,10 @@ def classify_chunk(self: Task, chunk_id: str) -> None:
             max_retries=MAX_RETRIES,
         ) from exc
     log.info(
-        "chunk %s: %d completed, %d failed, %d skipped",
+        "chunk %s: %d completed, %d failed, %d skipped (out of scope), %d already done",
         chunk_id,
         outcome.completed,
         outcome.failed,
-        outcome.skipped,
+        outcome.out_of_scope,
+        outcome.already_done,
     )

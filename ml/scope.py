@@ -1,0 +1,139 @@
+"""``cxr audit-scope``: how often the scope decision skips frontal films and scores the rest.
+
+Invariant: the decision measured is exactly the workers' (decode, segmenter, :func:`find_lungs`
+at the model's margin); frontal films come from a labelled folder, out-of-scope ones from a
+folder with a ``manifest.csv`` holding a ``kind`` column, plus generated non-chest images
+(:mod:`ml.synthetic`, with seeds the segmenter never trained on).  Out-of-scope patients whose
+films taught the segmenter "no lungs here" (listed in its metadata) are reported apart and kept
+out of the totals.  Targets: frontal films skipped <= 1%, out-of-scope films scored <= 10%.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ml.synthetic import KINDS, generate
+from shared.imaging import ImageError, decode_grayscale
+from shared.lungs import LungSegmenter
+
+MAX_FRONTAL_SKIPPED = 0.01
+MAX_OUT_OF_SCOPE_SCORED = 0.10
+
+
+def _decisions(segmenter: LungSegmenter, grays: list[Any]) -> list[str]:
+    """'ok' or the reason the film is out of scope, for each grayscale image."""
+    return [segmenter.find(g).reason for g in grays]
+
+
+def _read(folder: Path, names: list[str]) -> list[Any]:
+    out = []
+    for name in names:
+        try:
+            out.append(decode_grayscale((folder / name).read_bytes()))
+        except (OSError, ImageError):
+            continue  # unreadable is not a scope question
+    return out
+
+
+def _rate(reasons: list[str], want_ok: bool) -> dict[str, Any]:
+    n = len(reasons)
+    wrong = sum((r == "ok") != want_ok for r in reasons)
+    return {
+        "n": n,
+        "wrong": wrong,
+        "rate": round(wrong / n, 4) if n else None,
+        "reasons": dict(sorted(Counter(reasons).items())),
+    }
+
+
+def audit_scope(
+    segmenter: LungSegmenter,
+    frontal: Path | None,
+    scope: Path | None,
+    generated_per_kind: int = 20,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {"segmenter": segmenter.version}
+    if frontal is not None:
+        with open(frontal / "manifest.csv", newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        by_source: dict[str, list[str]] = {}
+        for row in rows:
+            by_source.setdefault(row.get("source", "") or "-", []).append(row["file"])
+        report["frontal"] = {
+            src: _rate(_decisions(segmenter, _read(frontal, names)), want_ok=True)
+            for src, names in sorted(by_source.items())
+        }
+    if scope is not None:
+        with open(scope / "manifest.csv", newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        seen = set(
+            segmenter.metadata.get("training", {}).get("negatives", {}).get("scope_patients", [])
+        )
+        kinds: dict[str, list[str]] = {}
+        trained: dict[str, list[str]] = {}
+        for row in rows:
+            into = trained if row.get("patient") in seen else kinds
+            into.setdefault(row["kind"], []).append(row["file"])
+        report["out_of_scope"] = {
+            kind: _rate(_decisions(segmenter, _read(scope, names)), want_ok=False)
+            for kind, names in sorted(kinds.items())
+        }
+        report["seen_in_training"] = {
+            kind: _rate(_decisions(segmenter, _read(scope, names)), want_ok=False)
+            for kind, names in sorted(trained.items())
+        }
+    generated = {
+        kind: _rate(
+            _decisions(
+                segmenter,
+                [
+                    generate(kind, seed).astype("float32") / 255.0
+                    for seed in range(generated_per_kind)
+                ],
+            ),
+            want_ok=False,
+        )
+        for kind in KINDS  # seeds 0..n; the segmenter trained on seeds from 10,000
+    }
+    report.setdefault("out_of_scope", {}).update(
+        {f"generated:{k}": v for k, v in generated.items()}
+    )
+    report["totals"] = _totals(report)
+    return report
+
+
+def _totals(report: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, limit in (("frontal", MAX_FRONTAL_SKIPPED), ("out_of_scope", MAX_OUT_OF_SCOPE_SCORED)):
+        blocks = report.get(key, {}).values()
+        n = sum(b["n"] for b in blocks)
+        wrong = sum(b["wrong"] for b in blocks)
+        rate = wrong / n if n else None
+        out[key] = {
+            "n": n,
+            "wrong": wrong,
+            "rate": None if rate is None else round(rate, 4),
+            "target": f"<= {limit}",
+            "met": None if rate is None else rate <= limit,
+        }
+    return out
+
+
+def scope_lines(report: dict[str, Any]) -> list[str]:
+    lines = [f"segmenter {report['segmenter']}"]
+    for name, b in report.get("seen_in_training", {}).items():
+        lines.append(f"  (trained on) {name:24s} n={b['n']:<5d} scored {b['wrong']}")
+    for key, verb in (("frontal", "skipped"), ("out_of_scope", "scored")):
+        for name, b in report.get(key, {}).items():
+            lines.append(
+                f"  {key:12s} {name:24s} n={b['n']:<5d} {verb} {b['wrong']}  {b['reasons']}"
+            )
+        t = report["totals"][key]
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        lines.append(
+            f"{key}: {t['wrong']} of {t['n']} {verb} ({t['rate']}), target {t['target']} {verdict}"
+        )
+    return lines
