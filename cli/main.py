@@ -6,10 +6,12 @@ Subcommand modules are imported only when used: ``cxr submit`` must not pay for 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -23,8 +25,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("models/cxr-cnn.npz"))
     p.add_argument(
         "--recipe",
-        default="lungs",
-        help="paper | lungs (crop to the lung fields) | lungs-clahe | lungs-adult (adult films only)",
+        default="lungs-adult",
+        help="lungs-adult (the shipped one: lung crop, adult films only) | lungs | lungs-clahe | "
+        "paper",
     )
     p.add_argument(
         "--segmenter",
@@ -44,9 +47,15 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         default="",
         help="train without this source and validate on all of its films (an unseen site)",
     )
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--patience", type=int, default=8)
-    p.add_argument("--warmup-epochs", type=int, default=5, help="early stopping ignores these")
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
+    p.add_argument("--patience", type=int, help="default: the recipe's")
+    p.add_argument("--warmup-epochs", type=int, help="early stopping ignores these")
+    p.add_argument(
+        "--monitor",
+        choices=("loss", "adult_auc"),
+        help="early stopping watches the weighted loss or the adult AUC of its split "
+        "(default: the recipe's)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -103,6 +112,23 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _schedule(args: argparse.Namespace) -> Any:
+    """The recipe's schedule with whatever the command line overrides; None: the recipe's."""
+    from ml.train import RECIPES, Schedule
+
+    given = {
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "warmup_epochs": args.warmup_epochs,
+        "monitor": args.monitor,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    base = RECIPES[args.recipe].schedule if args.recipe in RECIPES else Schedule()
+    return dataclasses.replace(base, **given)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ml.train import TrainOptions, summary_lines, train
 
@@ -114,9 +140,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             data=args.data,
             out=args.out,
             recipe=args.recipe,
-            epochs=args.epochs,
-            patience=args.patience,
-            warmup_epochs=args.warmup_epochs,
+            schedule=_schedule(args),
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             val_fraction=args.val_fraction,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import datetime as dt
 
 import cv2
@@ -14,7 +12,6 @@ from sqlalchemy import func, select
 
 from shared.db import as_utc, make_engine, make_session_factory, utcnow
 from shared.imaging import OutOfScopeError
-from shared.lungs import DEFAULT_SEGMENTER_PATH, LungSegmenter
 from shared.model_store import Classifier
 from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
 from shared.queue import QUEUE, make_celery
@@ -132,25 +129,10 @@ def one_lung_field(seed: int) -> bytes:
     return encode(np.clip(img, 0, 255).astype(np.uint8))
 
 
-@pytest.fixture
-def lung_crop_classifier(classifier) -> Classifier:
-    """The bundled network, as a model that crops to the lung fields would serve it (a shallow
-    copy: the module's classifier is left as it is)."""
-    clf = copy.copy(classifier)
-    clf.info = dataclasses.replace(
-        classifier.info,
-        preprocess=dataclasses.replace(classifier.info.preprocess, lung_crop=True),
-    )
-    clf.segmenter = LungSegmenter(DEFAULT_SEGMENTER_PATH)
-    return clf
-
-
-def test_out_of_scope_image_is_skipped_with_no_result(
-    stack, settings, lung_crop_classifier
-) -> None:
+def test_out_of_scope_image_is_skipped_with_no_result(stack, settings, classifier) -> None:
     sessions, blobs, _ = stack
     _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(1), one_lung_field(7), png_bytes(2)])
-    outcome = process_chunk(chunk_id, sessions, blobs, lambda: lung_crop_classifier, settings)
+    outcome = process_chunk(chunk_id, sessions, blobs, lambda: classifier, settings)
     assert outcome == ChunkOutcome(completed=2, out_of_scope=1)
     states = statuses(sessions, ids)
     assert states[1][:2] == (ImageStatus.SKIPPED, OutOfScopeError.code)
@@ -164,19 +146,17 @@ def test_out_of_scope_image_is_skipped_with_no_result(
         assert skipped.finished_at is not None
         assert session.get(Chunk, chunk_id).status == ChunkStatus.DONE
     # a redelivery of the finished chunk changes nothing
-    again = process_chunk(chunk_id, sessions, blobs, lambda: lung_crop_classifier, settings)
+    again = process_chunk(chunk_id, sessions, blobs, lambda: classifier, settings)
     assert again == ChunkOutcome()
     # nor can a stale execution (one that scored the image with another model) complete it
     with sessions.begin() as session:
-        assert not _complete(session, lung_crop_classifier, ids[1], 0.9)
+        assert not _complete(session, classifier, ids[1], 0.9)
         assert not _skip(session, ids[0], OutOfScopeError.code, "stale")
     assert statuses(sessions, ids) == states
     assert result_count(sessions, ids) == 2
 
 
-def test_out_of_scope_image_is_skipped_also_image_by_image(
-    stack, settings, lung_crop_classifier
-) -> None:
+def test_out_of_scope_image_is_skipped_also_image_by_image(stack, settings, classifier) -> None:
     """After an interruption the chunk goes image by image; the skip is recorded the same way."""
     sessions, blobs, _ = stack
     _, (chunk_id,), ids = make_job(
@@ -185,7 +165,7 @@ def test_out_of_scope_image_is_skipped_also_image_by_image(
     with sessions.begin() as session:
         for image in session.scalars(select(Image).where(Image.id.in_(ids))):
             image.status, image.attempts = ImageStatus.RUNNING, 1
-    outcome = process_chunk(chunk_id, sessions, blobs, lambda: lung_crop_classifier, settings)
+    outcome = process_chunk(chunk_id, sessions, blobs, lambda: classifier, settings)
     assert outcome == ChunkOutcome(completed=1, out_of_scope=1)
     assert statuses(sessions, ids) == [
         (ImageStatus.SKIPPED, "not_frontal_chest_xray", 2),

@@ -12,7 +12,7 @@ import pytest
 
 from cli.main import main
 from ml.dataset import Record, patient_split, read_labels
-from ml.train import TrainOptions, sample_weights, split
+from ml.train import GROUP_SHARES, TrainOptions, sample_weights, split
 from shared.model_store import Classifier, read_model_info, sha256_file
 from tests.factories import xray_like
 
@@ -63,7 +63,7 @@ def test_group_weights_give_fixed_shares() -> None:
         + [Record(f"n{i}", 0, "nih", f"n{i}") for i in range(40)]
         + [Record(f"k{i}", 0, "kermany", f"k{i}") for i in range(65)]
     )
-    w = sample_weights(records, "groups")
+    w = sample_weights(records, GROUP_SHARES)
     assert w.mean() == pytest.approx(1.0)
     share = {
         "covid": w[:30].sum() / w.sum(),
@@ -71,10 +71,8 @@ def test_group_weights_give_fixed_shares() -> None:
         "nih": w[35:75].sum() / w.sum(),
         "pediatric": w[75:].sum() / w.sum(),
     }
-    assert share == pytest.approx(
-        {"covid": 0.5, "same-source": 0.2, "nih": 0.2, "pediatric": 0.1}
-    )
-    paper = sample_weights(records, "classes")
+    assert share == pytest.approx({"covid": 0.5, "same-source": 0.2, "nih": 0.2, "pediatric": 0.1})
+    paper = sample_weights(records, None)
     assert paper[:30].sum() == pytest.approx(paper[30:].sum())
 
 
@@ -102,6 +100,8 @@ def _train_argv(data: Path, out: Path, cache: Path) -> list[str]:
         "--quiet",
         "--recipe",
         "lungs",
+        "--monitor",
+        "loss",
         "--cache-dir",
         str(cache),
         "--bootstrap",
