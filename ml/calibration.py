@@ -15,12 +15,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_curve
 
-from shared.model_store import calibrate
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
+from shared.model_store import calibrate, logit
 
 
 def fit_platt(y: np.ndarray, raw: np.ndarray, fitted_on: str) -> dict[str, Any]:
@@ -29,7 +24,7 @@ def fit_platt(y: np.ndarray, raw: np.ndarray, fitted_on: str) -> dict[str, Any]:
     if len(set(y.tolist())) < 2:
         raise ValueError("calibration needs both classes in its split")
     lr = LogisticRegression(C=1e6, max_iter=1000)  # ~unregularised: two parameters, many films
-    lr.fit(_logit(raw)[:, None], y)
+    lr.fit(logit(raw)[:, None], y)
     return {
         "method": "platt",
         "slope": round(float(lr.coef_[0, 0]), 6),
@@ -44,7 +39,8 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
     y = np.asarray(y, int)
     if not y.any():
         raise ValueError("choosing a threshold for sensitivity needs positive films")
-    _, tpr, thresholds = roc_curve(y, p)
+    # every point: the default drops those on vertical stretches, where the highest one lies
+    _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     ok = np.flatnonzero(tpr >= target)
     return float(min(1.0, thresholds[ok[0]]))
 

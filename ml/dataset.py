@@ -17,9 +17,17 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from shared.imaging import ImageError, OutOfScopeError, PreprocessConfig, preprocess
+from shared import imaging, lungs
+from shared.imaging import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    OutOfScopeError,
+    PreprocessConfig,
+    preprocess,
+)
 from shared.lungs import LungSegmenter
 
 log = logging.getLogger(__name__)
@@ -134,10 +142,27 @@ def patient_split(
 class ArrayCache:
     """Preprocessed films on disk, one ``.npy`` (224x224 float32, one channel) per key."""
 
-    def __init__(self, folder: Path, config: PreprocessConfig, segmenter_sha: str = "") -> None:
+    def __init__(
+        self,
+        folder: Path,
+        config: PreprocessConfig,
+        segmenter_sha: str = "",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.salt = f"{sorted(config.to_dict().items())}|{segmenter_sha}|v1"
+        # the code of the path itself is part of the key: a retuned scope rule or resize must
+        # never be answered from arrays the old code made
+        code = b"".join(Path(m.__file__).read_bytes() for m in (imaging, lungs))
+        self.salt = "|".join(
+            (
+                str(sorted(config.to_dict().items())),
+                segmenter_sha,
+                str(max_pixels),
+                cv2.__version__,
+                hashlib.sha256(code).hexdigest(),
+            )
+        )
 
     def _path(self, data: bytes) -> Path:
         key = hashlib.sha256(self.salt.encode() + hashlib.sha256(data).digest()).hexdigest()

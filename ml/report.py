@@ -67,10 +67,9 @@ def audits(records: Sequence[Record], probs: np.ndarray) -> dict[str, float | No
     ped = neg & np.isin(sources, PEDIATRIC_SOURCES)
     adult = same | nih
     both = adult | ped
-    pair = same | nih
     return {
         "audit_adult_vs_pediatric": _auc(adult[both], probs[both]),
-        "audit_nih_vs_same_source": _auc(nih[pair], probs[pair]),
+        "audit_nih_vs_same_source": _auc(nih[adult], probs[adult]),
     }
 
 

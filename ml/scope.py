@@ -75,7 +75,8 @@ def audit_scope(
         kinds: dict[str, list[str]] = {}
         trained: dict[str, list[str]] = {}
         for row in rows:
-            into = trained if row.get("patient") in seen else kinds
+            group = row.get("patient") or f"file:{row['file']}"  # as Record.group names it
+            into = trained if group in seen else kinds
             into.setdefault(row["kind"], []).append(row["file"])
         report["out_of_scope"] = {
             kind: _rate(_decisions(segmenter, _read(scope, names)), want_ok=False)

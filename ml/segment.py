@@ -224,6 +224,8 @@ def train_segmenter(opts: SegmentOptions) -> dict[str, Any]:
         },
         "validation": {
             "split": "the classifier's validation patients (patient_split, same seed/fraction)",
+            "seed": opts.seed,
+            "val_fraction": opts.val_fraction,
             "masks": len(val_files),
             "dice_mean": round(float(scores.mean()), 4) if len(scores) else None,
             "dice_median": round(float(np.median(scores)), 4) if len(scores) else None,

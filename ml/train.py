@@ -50,7 +50,7 @@ from ml.dataset import (
 from ml.report import report_lines, validation_report
 from shared.imaging import DEFAULT_MAX_PIXELS, PreprocessConfig
 from shared.lungs import DEFAULT_SEGMENTER_PATH, LungSegmenter
-from shared.model_store import calibrate
+from shared.model_store import calibrate, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,22 @@ def load(
 ) -> tuple[LoadedSet, LoadedSet, LoadedSet, LungSegmenter | None]:
     """The three splits through the one preprocessing path (segmenter and cache included)."""
     segmenter = LungSegmenter(opts.segmenter) if config.lung_crop else None
+    if segmenter is not None:
+        held = segmenter.metadata.get("validation", {})
+        same = (held.get("seed", 42), held.get("val_fraction", 0.2)) == (
+            opts.seed,
+            opts.val_fraction,
+        )
+        if not same or opts.hold_out_source:
+            log.warning(
+                "the segmenter held out other patients than this split validates on: some "
+                "validation films may be ones whose masks it trained on"
+            )
     cache = None
     if opts.cache_dir is not None:
-        cache = ArrayCache(opts.cache_dir, config, segmenter.sha256 if segmenter else "")
+        cache = ArrayCache(
+            opts.cache_dir, config, segmenter.sha256 if segmenter else "", opts.max_pixels
+        )
     loaded = []
     for name, recs in (("fit", splits.fit), ("early-stopping", splits.stop), ("val", splits.val)):
         part = load_images(
@@ -335,6 +348,9 @@ def _segmenter_entry(opts: TrainOptions, segmenter: LungSegmenter | None) -> dic
     src = Path(opts.segmenter)
     dst = Path(opts.out).parent / src.name
     if src.resolve() != dst.resolve():
+        if dst.is_file() and sha256_file(dst) != segmenter.sha256:
+            # another model beside it may name that file: never swap it underneath
+            raise FileExistsError(f"{dst} is another segmenter; write the model elsewhere")
         shutil.copyfile(src, dst)
         shutil.copyfile(src.with_suffix(".json"), dst.with_suffix(".json"))
     return {"file": src.name, "sha256": segmenter.sha256, "version": segmenter.version}

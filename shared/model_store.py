@@ -67,12 +67,17 @@ class ModelInfo:
         return calibrate(raw, self.metadata.get("calibration"))
 
 
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), clipped away from 0 and 1: what Platt scaling is fitted and applied on."""
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
 def calibrate(raw: np.ndarray, calibration: dict[str, Any] | None) -> np.ndarray:
     raw = np.asarray(raw, np.float64)
     if not calibration:
         return raw.astype(np.float32)
-    logit = np.log(np.clip(raw, 1e-7, 1 - 1e-7)) - np.log(np.clip(1 - raw, 1e-7, 1))
-    z = float(calibration["slope"]) * logit + float(calibration["intercept"])
+    z = float(calibration["slope"]) * logit(raw) + float(calibration["intercept"])
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 

@@ -62,11 +62,20 @@ def test_threshold_is_chosen_on_adult_films_only() -> None:
     y, raw = _logistic_sample(slope=1.0, intercept=0.0, n=2000)
     adult = np.zeros(len(y), bool)
     adult[:500] = True
+    raw = raw.copy()
+    raw[~adult & (y == 1)] = 0.02  # the other films' positives score low
     cal, t = calibrate_and_choose(y, raw, adult, 0.9, "test split")
     p = calibrate(raw, cal)
-    sens = ((p[adult] >= t) & (y[adult] == 1)).sum() / (y[adult] == 1).sum()
-    assert sens >= 0.9
+    expected = threshold_for_sensitivity(y[adult], p[adult], 0.9)
+    assert t == pytest.approx(expected, abs=1e-6)
+    assert abs(t - threshold_for_sensitivity(y, p, 0.9)) > 0.05  # all films would differ
     assert "adult" in cal["threshold_rule"]
+
+
+def test_threshold_on_a_vertical_stretch_of_the_roc_is_still_the_highest() -> None:
+    y = np.array([1, 1, 1, 1, 1, 0])
+    p = np.array([0.95, 0.85, 0.75, 0.65, 0.55, 0.1])
+    assert threshold_for_sensitivity(y, p, 0.5) == pytest.approx(0.75)
 
 
 def test_expected_calibration_error_of_known_bins() -> None:
