@@ -171,9 +171,11 @@ def get_job(job_id: str) -> Response:
     page = int_arg("page", 1, 1, 10**9)
     per_page = int_arg("per_page", DEFAULT_PER_PAGE, 1, state.settings.max_per_page)
     status = request.args.get("status") or None
-    if status is not None and status not in ImageStatus.ALL:
+    if status is not None and status not in {s.value for s in ImageStatus}:
         raise APIError(
-            400, "invalid_parameter", f"status must be one of {', '.join(ImageStatus.ALL)}"
+            400,
+            "invalid_parameter",
+            f"status must be one of {', '.join(s.value for s in ImageStatus)}",
         )
     with state.sessions() as session:
         job = _load_job(session, job_id)

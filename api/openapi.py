@@ -12,14 +12,8 @@ from shared.models import ImageStatus, JobStatus
 bp = Blueprint("openapi", __name__)
 
 UUID_PARAM = {"type": "string", "format": "uuid"}
-IMAGE_STATUSES = list(ImageStatus.ALL)
-JOB_STATUSES = [
-    JobStatus.QUEUED,
-    JobStatus.RUNNING,
-    JobStatus.COMPLETED,
-    JobStatus.COMPLETED_WITH_ERRORS,
-    JobStatus.FAILED,
-]
+IMAGE_STATUSES = [s.value for s in ImageStatus]
+JOB_STATUSES = [s.value for s in JobStatus]
 IMAGE_STATUS_DESCRIPTION = (
     "queued or running, then exactly one terminal status: completed (probability and label), "
     "failed (error: the image could not be processed, e.g. corrupt_image, too_many_attempts) "

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import APIError
 from shared.db import as_utc
-from shared.models import Image, ImageStatus, Job, JobStatus, Result
+from shared.models import TERMINAL_IMAGE, TERMINAL_JOB, Image, ImageStatus, Job, Result, job_status
 
 DEFAULT_PER_PAGE = 100
 
@@ -79,7 +79,7 @@ def job_summary(session: Session, job: Job) -> dict[str, Any]:
         .where(Image.job_id == job.id)
         .group_by(Image.status)
     ).all()
-    counts = dict.fromkeys(ImageStatus.ALL, 0)
+    counts = {s.value: 0 for s in ImageStatus}
     started: list[dt.datetime] = []
     finished: list[dt.datetime] = []
     for status, count, first_start, last_finish in rows:
@@ -88,10 +88,10 @@ def job_summary(session: Session, job: Job) -> dict[str, Any]:
             started.append(as_utc(first_start))  # type: ignore[arg-type]
         if last_finish:
             finished.append(as_utc(last_finish))  # type: ignore[arg-type]
-    status = JobStatus.from_counts(counts)
+    status = job_status(counts).value
     total = sum(counts.values())
-    terminal = sum(counts[s] for s in ImageStatus.TERMINAL)
-    done = status in (JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED)
+    terminal = sum(counts[s] for s in TERMINAL_IMAGE)
+    done = status in TERMINAL_JOB
     return {
         "id": job.id,
         "status": status,

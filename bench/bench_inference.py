@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from ml.synthetic import chest_film, png_bytes
 from shared.imaging import PreprocessConfig, preprocess
 from shared.model_store import Classifier
 from shared.settings import DEFAULT_MODEL_PATH
-from tests.factories import png_bytes
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -48,7 +48,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    files = [png_bytes(n, height=1024, width=1024) for n in range(args.images)]
+    files = [png_bytes(chest_film(n, height=1024, width=1024)) for n in range(args.images)]
     clf = Classifier.load(DEFAULT_MODEL_PATH)
 
     def prep(data: bytes) -> np.ndarray:

@@ -11,9 +11,8 @@ from typing import Any
 
 import requests
 
-TERMINAL = {"completed", "completed_with_errors", "failed"}
-#: Image statuses that end an image: completed (a result), failed or skipped (a reason).
-IMAGE_TERMINAL = ("completed", "failed", "skipped")
+from shared.models import TERMINAL_IMAGE, TERMINAL_JOB
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip"}
 
 
@@ -175,11 +174,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
     bar = None if args.quiet else tqdm(total=body["image_count"], unit="img", desc=body["status"])
     try:
         while True:
-            done = sum(body["counts"].get(s, 0) for s in IMAGE_TERMINAL)
+            done = sum(body["counts"].get(s, 0) for s in TERMINAL_IMAGE)
             if bar is not None:
                 bar.set_description(body["status"])
                 bar.update(done - bar.n)
-            if body["status"] in TERMINAL:
+            if body["status"] in TERMINAL_JOB:
                 break
             if args.timeout and time.monotonic() - started > args.timeout:
                 print(f"timed out; job is {body['status']}", file=sys.stderr)

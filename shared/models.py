@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
+from enum import StrEnum
 
 from sqlalchemy import (
     Boolean,
@@ -29,59 +31,65 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-class ImageStatus:
-    """Every accepted image ends in exactly one terminal status: ``completed`` (with exactly one
-    result row), ``failed`` (an error code and message: the image could not be processed) or
-    ``skipped`` (an error code and message: a readable image that is out of the model's scope,
-    e.g. ``not_frontal_chest_xray``; never scored, no result row)."""
+class ImageStatus(StrEnum):
+    """Every accepted image ends in exactly one terminal status (:data:`TERMINAL_IMAGE`):
+    ``completed`` (with exactly one result row), ``failed`` (an error code and message: the image
+    could not be processed) or ``skipped`` (an error code and message: a readable image that is
+    out of the model's scope, e.g. ``not_frontal_chest_xray``; never scored, no result row)."""
 
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     SKIPPED = "skipped"
-    ALL = (QUEUED, RUNNING, COMPLETED, FAILED, SKIPPED)
-    TERMINAL = (COMPLETED, FAILED, SKIPPED)
 
 
-class ChunkStatus:
+TERMINAL_IMAGE = frozenset({ImageStatus.COMPLETED, ImageStatus.FAILED, ImageStatus.SKIPPED})
+
+
+class ChunkStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
 
 
-class JobStatus:
+class JobStatus(StrEnum):
+    """Derived from the image statuses (:func:`job_status`), never stored."""
+
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     COMPLETED_WITH_ERRORS = "completed_with_errors"
     FAILED = "failed"
 
-    @staticmethod
-    def from_counts(counts: dict[str, int]) -> str:
-        """The job status from its images' status counts:
 
-        * ``queued``: no images, or all of them queued;
-        * ``running``: some image is not terminal yet;
-        * ``completed``: every image is ``completed`` or ``skipped`` (none ``failed``), also when
-          all of them are skipped: a skipped image is a finished answer ("not in scope"), not
-          an error;
-        * ``failed``: every image is ``failed``;
-        * ``completed_with_errors``: some ``failed``, the rest ``completed`` or ``skipped``
-          (so ``skipped`` + ``failed`` with nothing ``completed`` is this, not ``failed``).
-        """
-        total = sum(counts.values())
-        failed = counts.get(ImageStatus.FAILED, 0)
-        finished = sum(counts.get(s, 0) for s in ImageStatus.TERMINAL)
-        if total == 0 or counts.get(ImageStatus.QUEUED, 0) == total:
-            return JobStatus.QUEUED
-        if finished < total:
-            return JobStatus.RUNNING
-        if failed == 0:
-            return JobStatus.COMPLETED
-        if failed == total:
-            return JobStatus.FAILED
-        return JobStatus.COMPLETED_WITH_ERRORS
+TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED})
+
+
+def job_status(counts: Mapping[str, int]) -> JobStatus:
+    """The job status from its images' status counts:
+
+    * ``queued``: no images, or all of them queued;
+    * ``running``: some image is not terminal yet;
+    * ``completed``: every image is ``completed`` or ``skipped`` (none ``failed``), also when
+      all of them are skipped: a skipped image is a finished answer ("not in scope"), not
+      an error;
+    * ``failed``: every image is ``failed``;
+    * ``completed_with_errors``: some ``failed``, the rest ``completed`` or ``skipped``
+      (so ``skipped`` + ``failed`` with nothing ``completed`` is this, not ``failed``).
+    """
+    total = sum(counts.values())
+    failed = counts.get(ImageStatus.FAILED, 0)
+    finished = sum(counts.get(s, 0) for s in TERMINAL_IMAGE)
+    if total == 0 or counts.get(ImageStatus.QUEUED, 0) == total:
+        return JobStatus.QUEUED
+    if finished < total:
+        return JobStatus.RUNNING
+    if failed == 0:
+        return JobStatus.COMPLETED
+    if failed == total:
+        return JobStatus.FAILED
+    return JobStatus.COMPLETED_WITH_ERRORS
 
 
 class Base(DeclarativeBase):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from shared.db import make_engine, make_session_factory
-from shared.models import Image, ImageStatus, Result
-
-TERMINAL_JOB = {"completed", "completed_with_errors", "failed"}
+from shared.models import TERMINAL_IMAGE, TERMINAL_JOB, Image, ImageStatus, Result
 
 
 def submit(http: requests.Session, url: str, files: list[tuple[str, bytes]], **kw: Any) -> dict:
@@ -22,15 +22,33 @@ def submit(http: requests.Session, url: str, files: list[tuple[str, bytes]], **k
     return resp.json()
 
 
-def wait_done(http: requests.Session, url: str, job_id: str, timeout: float = 180) -> dict:
+#: What a busy machine throws at a wait now and then (a slow answer, a refused connection, a
+#: half-started server, a database restarting): retried until the wait's one overall deadline.
+TRANSIENT = (requests.RequestException, OSError, ValueError, OperationalError)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Call ``predicate`` until it returns something truthy; transient errors are retried, and
+    only the overall ``timeout`` ends the wait."""
     deadline = time.monotonic() + timeout
-    body: dict = {}
+    last: BaseException | None = None
     while time.monotonic() < deadline:
-        body = http.get(f"{url}/v1/jobs/{job_id}", params={"per_page": 500}, timeout=30).json()
-        if body.get("status") in TERMINAL_JOB:
-            return body
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} not done after {timeout}s: {body.get('counts')}")
+        try:
+            value = predicate()
+        except TRANSIENT as exc:
+            last, value = exc, None
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
+
+
+def wait_done(http: requests.Session, url: str, job_id: str, timeout: float = 180) -> dict:
+    def finished() -> dict | None:
+        body = http.get(f"{url}/v1/jobs/{job_id}", params={"per_page": 500}, timeout=10).json()
+        return body if body.get("status") in TERMINAL_JOB else None
+
+    return wait_for(finished, timeout, f"job {job_id} to finish", interval=0.3)
 
 
 def result_rows(database_url: str, job_id: str) -> dict[str, int]:
@@ -67,7 +85,7 @@ def assert_exactly_one_outcome(database_url: str, job_ids: list[str]) -> dict[st
         engine.dispose()
     assert rows, "no images"
     for image_id, status, error_code, n_results in rows:
-        assert status in ImageStatus.TERMINAL, f"image {image_id} ended {status}"
+        assert status in TERMINAL_IMAGE, f"image {image_id} ended {status}"
         expected = 1 if status == ImageStatus.COMPLETED else 0
         assert n_results == expected, f"image {image_id} ({status}) has {n_results} results"
         if status != ImageStatus.COMPLETED:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from api.extensions import service
 from cli.client import format_table, summary
 from shared.db import utcnow
-from shared.models import Chunk, Image, ImageStatus, JobStatus, Result
+from shared.models import Chunk, Image, ImageStatus, JobStatus, Result, job_status
 from tests.factories import (
     jpeg_bytes,
     mark_encrypted,
@@ -374,9 +374,9 @@ def test_skipped_image_shows_its_reason_and_no_probability(client, app) -> None:
     ],
 )
 def test_job_status_counts_skipped_images_as_finished(counts, status) -> None:
-    full = dict.fromkeys(ImageStatus.ALL, 0) | counts
-    assert JobStatus.from_counts(full) == status
-    assert JobStatus.from_counts(counts) == status
+    full = {s.value: 0 for s in ImageStatus} | counts
+    assert job_status(full) == status
+    assert job_status(counts) == status
 
 
 def test_long_and_unicode_filenames(client) -> None:

@@ -11,18 +11,17 @@ import io
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from shared.db import make_engine, make_session_factory
-from shared.models import Chunk, ChunkStatus, Image, ImageStatus
+from shared.models import TERMINAL_IMAGE, Chunk, ChunkStatus, Image, ImageStatus
 from shared.redis_server import RedisServer, free_port
 from shared.settings import load_settings
 from tests.factories import png_bytes
-from tests.service_client import assert_exactly_one_outcome
+from tests.service_client import assert_exactly_one_outcome, wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -55,16 +54,6 @@ def submit(client, files: list[tuple[str, bytes]]) -> str:
     return resp.get_json()["id"]
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
 class Db:
     """Read-only views of the test database for the assertions."""
 
@@ -94,7 +83,7 @@ class Db:
         with self.sessions() as s:
             return not s.scalars(
                 select(Image.id)
-                .where(Image.job_id.in_(job_ids), Image.status.not_in(ImageStatus.TERMINAL))
+                .where(Image.job_id.in_(job_ids), Image.status.not_in(TERMINAL_IMAGE))
                 .limit(1)
             ).all()
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ml.synthetic import KINDS, generate, png_bytes
+from ml.synthetic import KINDS, generate, lung_box, png_bytes
 from shared.imaging import (
     OutOfScopeError,
     PreprocessConfig,
@@ -15,7 +15,7 @@ from shared.imaging import (
     to_model_input,
 )
 from shared.lungs import SEG_SIZE, Box, build_unet, crop, find_lungs
-from tests.factories import encode, lung_box, xray_like
+from tests.factories import encode, xray_like
 
 
 def two_lungs(size: int = SEG_SIZE, left=(0.3, 0.5), right=(0.7, 0.5), axes=(0.12, 0.25)):

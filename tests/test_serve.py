@@ -16,6 +16,7 @@ import requests
 from cli.main import main
 from shared.redis_server import free_port, port_open
 from tests.factories import png_bytes
+from tests.service_client import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +43,14 @@ def test_serve_runs_the_whole_stack_and_stops_on_ctrl_c(
     )
     url = f"http://127.0.0.1:{api_port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
+
+        def ready() -> bool:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.5)
-        else:
+            return requests.get(f"{url}/readyz", timeout=5).status_code == 200
+
+        try:
+            wait_for(ready, 120, "the stack to become ready", interval=0.5)
+        except TimeoutError:
             pytest.fail("the stack did not become ready:\n" + (tmp_path / "serve.log").read_text())
         assert port_open(redis_port)  # its own Redis, on the private port
         key_file = tmp_path / "data" / "local-api-key"

@@ -32,14 +32,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import insert_for, utcnow
 from shared.imaging import ImageError, OutOfScopeError, preprocess
 from shared.model_store import Classifier
-from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
+from shared.models import TERMINAL_IMAGE, Chunk, ChunkStatus, Image, ImageStatus, Result
 from shared.settings import Settings
 from shared.storage import BlobCorruptError, BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)
 
 TOO_MANY_ATTEMPTS = "too_many_attempts"
-NOT_TERMINAL = Image.status.not_in(ImageStatus.TERMINAL)
+NOT_TERMINAL = Image.status.not_in(TERMINAL_IMAGE)
 #: A chunk claimed this many times (redeliveries and retries together) gives up on the images
 #: it still holds: a safety net against a fault that is neither transient nor a crash.
 MAX_CHUNK_CLAIMS = 30
