@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import g, request
 
-from api.errors import APIError
+from api.errors import APIError, ErrorCode
 from api.extensions import service
 from shared.auth import Principal, lookup
 from shared.models import ANONYMOUS_CLIENT
@@ -21,13 +21,13 @@ def authenticate() -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")
     if not header:
-        raise APIError(401, "missing_api_key", "send your key as 'Authorization: Bearer KEY'")
+        raise APIError(ErrorCode.MISSING_API_KEY, "send your key as 'Authorization: Bearer KEY'")
     if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(401, "invalid_api_key", "the Authorization header must be 'Bearer KEY'")
+        raise APIError(ErrorCode.INVALID_API_KEY, "the Authorization header must be 'Bearer KEY'")
     with state.sessions() as session:
         principal = lookup(session, key.strip())
     if principal is None:
-        raise APIError(401, "invalid_api_key", "the API key is unknown or revoked")
+        raise APIError(ErrorCode.INVALID_API_KEY, "the API key is unknown or revoked")
     g.principal = principal
 
 

@@ -1,8 +1,19 @@
-"""One JSON error shape for the whole API: ``{"error": {"code": ..., "message": ...}}``."""
+"""One JSON error shape for the whole API, ``{"error": {"code": ..., "message": ...}}``, and one
+catalogue of its codes.
+
+Invariant: every error answer comes from :class:`ErrorCode`.  Each member is a stable ``code``
+with its HTTP ``status`` and a one-line ``meaning``; :class:`APIError` takes a member and a
+message, so no call site types a status, and the handlers below answer werkzeug's HTTP errors,
+database outages and unexpected exceptions with members as well.  The OpenAPI description
+(:mod:`api.openapi`) is generated from the catalogue, and a test checks that the README's table
+equals it.  (The per-image codes of failed and skipped images, inside an accepted job, are
+:mod:`shared.imaging`'s catalogue, not this one.)
+"""
 
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 
 from flask import Flask, Response, jsonify
 from sqlalchemy.exc import OperationalError
@@ -10,56 +21,141 @@ from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-    415: "unsupported_media_type",
-    429: "too_many_requests",
+
+class ErrorCode(StrEnum):
+    """The catalogue: each member is its ``code`` (a ``str``), with ``status`` and ``meaning``.
+
+    The order is the README table's: authentication, submission, reads, then any request."""
+
+    _value_: str
+    status: int
+    meaning: str
+
+    def __new__(cls, code: str, status: int, meaning: str) -> ErrorCode:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.status = status
+        member.meaning = meaning
+        return member
+
+    # authentication (every /v1 request)
+    MISSING_API_KEY = "missing_api_key", 401, "no Authorization header was sent"
+    INVALID_API_KEY = (
+        "invalid_api_key",
+        401,
+        "the Authorization header is not 'Bearer KEY', or the key is unknown or revoked",
+    )
+    # submission: the whole request is refused
+    UNSUPPORTED_MEDIA_TYPE = (
+        "unsupported_media_type",
+        415,
+        "the submission is not multipart/form-data",
+    )
+    BAD_REQUEST = "bad_request", 400, "the request body cannot be parsed (malformed multipart)"
+    NO_FILES = "no_files", 400, "the submission holds no file in the field 'files'"
+    INVALID_PARAMETER = (
+        "invalid_parameter",
+        400,
+        "a query parameter, client_ref or Idempotency-Key is malformed or out of range",
+    )
+    INVALID_ZIP = "invalid_zip", 400, "a .zip file, or one of its entries, cannot be read"
+    UNSAFE_ZIP_ENTRY = (
+        "unsafe_zip_entry",
+        400,
+        "a zip entry escapes the archive (.., an absolute path) or is a symbolic link",
+    )
+    ENCRYPTED_ZIP_ENTRY = "encrypted_zip_entry", 400, "a zip entry is encrypted"
+    NESTED_ZIP = "nested_zip", 400, "a zip entry is itself a zip"
+    ZIP_BOMB = "zip_bomb", 400, "a zip entry expands more than CXR_MAX_ZIP_RATIO times"
+    TOO_MANY_FILES = (
+        "too_many_files",
+        413,
+        "more than CXR_MAX_FILES_PER_JOB files, zip entries included",
+    )
+    FILE_TOO_LARGE = "file_too_large", 413, "a file or zip entry is over CXR_MAX_FILE_BYTES"
+    REQUEST_TOO_LARGE = (
+        "request_too_large",
+        413,
+        "the request, zips expanded, is over CXR_MAX_REQUEST_BYTES or has too many parts",
+    )
+    MODEL_UNAVAILABLE = "model_unavailable", 503, "the model is not loaded; see /readyz"
+    # reads
+    JOB_NOT_FOUND = "job_not_found", 404, "no job with this id for this client"
+    IMAGE_NOT_FOUND = "image_not_found", 404, "no image with this id for this client"
+    # any request
+    NOT_FOUND = "not_found", 404, "no such path"
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405, "the path does not take this method"
+    DATABASE_UNAVAILABLE = (
+        "database_unavailable",
+        503,
+        "the database is unreachable; retry after Retry-After seconds",
+    )
+    INTERNAL_ERROR = "internal_error", 500, "an unexpected server error (logged)"
+
+    @classmethod
+    def for_http_status(cls, status: int) -> ErrorCode:
+        """The member that answers a werkzeug HTTP error: the generic one for its status; any
+        other status (none is raised today) answers as ``bad_request`` or ``internal_error``."""
+        generic = HTTP_ERRORS.get(status)
+        if generic is not None:
+            return generic
+        return cls.BAD_REQUEST if 400 <= status < 500 else cls.INTERNAL_ERROR
+
+
+# The members werkzeug's own errors (routing, body parsing, size limits) answer with.
+HTTP_ERRORS: dict[int, ErrorCode] = {
+    code.status: code
+    for code in (
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.METHOD_NOT_ALLOWED,
+        ErrorCode.REQUEST_TOO_LARGE,
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    )
 }
 
 
 class APIError(Exception):
-    """Raise anywhere in a request to answer with the standard error shape."""
+    """Raise anywhere in a request to answer with the standard error shape; the HTTP status is
+    the catalogue's."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
 
+    @property
+    def status(self) -> int:
+        return self.code.status
 
-def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
-    return jsonify({"error": {"code": code, "message": message}}), status
+
+def error_response(code: ErrorCode, message: str) -> tuple[Response, int]:
+    return jsonify({"error": {"code": code.value, "message": message}}), code.status
 
 
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(APIError)
     def _api_error(exc: APIError) -> tuple[Response, int]:
-        response, status = error_response(exc.status, exc.code, exc.message)
+        response, status = error_response(exc.code, exc.message)
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="cxr-screen"'
         return response, status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        status = exc.code or 500
-        if status == 413:
+        code = ErrorCode.for_http_status(exc.code or 500)
+        if code is ErrorCode.REQUEST_TOO_LARGE:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             return error_response(
-                413,
-                "request_too_large",
-                f"the request is larger than {limit} bytes or has too many parts",
+                code, f"the request is larger than {limit} bytes or has too many parts"
             )
-        return error_response(status, _HTTP_CODES.get(status, "http_error"), exc.description or "")
+        return error_response(code, exc.description or code.meaning)
 
     @app.errorhandler(OperationalError)
     def _database_down(exc: OperationalError) -> tuple[Response, int]:
         log.warning("database unavailable (%s)", type(exc.orig).__name__)
         response, status = error_response(
-            503, "database_unavailable", "the database is unavailable; retry shortly"
+            ErrorCode.DATABASE_UNAVAILABLE, "the database is unavailable; retry shortly"
         )
         response.headers["Retry-After"] = "5"
         return response, status
@@ -67,4 +163,4 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
         log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-        return error_response(500, "internal_error", "an unexpected error occurred")
+        return error_response(ErrorCode.INTERNAL_ERROR, "an unexpected error occurred")

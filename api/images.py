@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify
 from sqlalchemy import select
 
 from api.auth import authenticate, current_principal
-from api.errors import APIError
+from api.errors import APIError, ErrorCode
 from api.extensions import service
 from api.queries import image_dict, images_with_results, parse_id
 from shared.models import Image, Job
@@ -26,5 +26,5 @@ def get_image(image_id: str) -> Response:
             owner = session.scalar(select(Job.client).where(Job.id == row[0].job_id))
             row = row if owner == principal.client else None
         if row is None:
-            raise APIError(404, "image_not_found", f"no image with id {image_id!r}")
+            raise APIError(ErrorCode.IMAGE_NOT_FOUND, f"no image with id {image_id!r}")
         return jsonify(image_dict(row[0], row[1], with_job=True))

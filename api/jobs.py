@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate, current_principal
-from api.errors import APIError
+from api.errors import APIError, ErrorCode
 from api.extensions import service
 from api.queries import (
     DEFAULT_PER_PAGE,
@@ -46,8 +46,7 @@ def _idempotency_key() -> str | None:
     key = raw.strip()
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise APIError(
-            400,
-            "invalid_parameter",
+            ErrorCode.INVALID_PARAMETER,
             f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
         )
     return key
@@ -73,11 +72,10 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     state = service.state
     settings = state.settings
     if state.model is None:
-        raise APIError(503, "model_unavailable", "the model is not available; see /readyz")
+        raise APIError(ErrorCode.MODEL_UNAVAILABLE, "the model is not available; see /readyz")
     if request.mimetype != "multipart/form-data":
         raise APIError(
-            415,
-            "unsupported_media_type",
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             "send multipart/form-data with the images in the field 'files'",
         )
     principal = current_principal()
@@ -90,9 +88,11 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     client_ref = request.form.get("client_ref")
     if client_ref is not None:
         if len(client_ref) > MAX_CLIENT_REF:
-            raise APIError(400, "invalid_parameter", f"client_ref is longer than {MAX_CLIENT_REF}")
+            raise APIError(
+                ErrorCode.INVALID_PARAMETER, f"client_ref is longer than {MAX_CLIENT_REF}"
+            )
         if any(not ch.isprintable() for ch in client_ref):
-            raise APIError(400, "invalid_parameter", "client_ref holds control characters")
+            raise APIError(ErrorCode.INVALID_PARAMETER, "client_ref holds control characters")
 
     job_id = new_id()
     images: list[Image] = []
@@ -161,7 +161,7 @@ def _load_job(session: Session, job_id: str) -> Job:
     job = session.get(Job, parse_id(job_id, "job"))
     principal = current_principal()
     if job is None or not (principal.is_admin or job.client == principal.client):
-        raise APIError(404, "job_not_found", f"no job with id {job_id!r}")
+        raise APIError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}")
     return job
 
 
@@ -173,8 +173,7 @@ def get_job(job_id: str) -> Response:
     status = request.args.get("status") or None
     if status is not None and status not in {s.value for s in ImageStatus}:
         raise APIError(
-            400,
-            "invalid_parameter",
+            ErrorCode.INVALID_PARAMETER,
             f"status must be one of {', '.join(s.value for s in ImageStatus)}",
         )
     with state.sessions() as session:

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from api.errors import ErrorCode
 from api.extensions import service
 from shared.models import ImageStatus, JobStatus
 
@@ -22,10 +23,59 @@ IMAGE_STATUS_DESCRIPTION = (
 )
 
 
-def _error(description: str) -> dict[str, Any]:
+# The error codes each operation may answer with, all from the catalogue (api/errors.py); the
+# response statuses are the catalogue's, never typed here.
+AUTH_ERRORS = (ErrorCode.MISSING_API_KEY, ErrorCode.INVALID_API_KEY)
+CREATE_JOB_ERRORS = (
+    *AUTH_ERRORS,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    ErrorCode.BAD_REQUEST,
+    ErrorCode.NO_FILES,
+    ErrorCode.INVALID_PARAMETER,
+    ErrorCode.INVALID_ZIP,
+    ErrorCode.UNSAFE_ZIP_ENTRY,
+    ErrorCode.ENCRYPTED_ZIP_ENTRY,
+    ErrorCode.NESTED_ZIP,
+    ErrorCode.ZIP_BOMB,
+    ErrorCode.TOO_MANY_FILES,
+    ErrorCode.FILE_TOO_LARGE,
+    ErrorCode.REQUEST_TOO_LARGE,
+    ErrorCode.MODEL_UNAVAILABLE,
+    ErrorCode.DATABASE_UNAVAILABLE,
+)
+GET_JOB_ERRORS = (
+    *AUTH_ERRORS,
+    ErrorCode.INVALID_PARAMETER,
+    ErrorCode.JOB_NOT_FOUND,
+    ErrorCode.DATABASE_UNAVAILABLE,
+)
+JOB_CSV_ERRORS = (*AUTH_ERRORS, ErrorCode.JOB_NOT_FOUND, ErrorCode.DATABASE_UNAVAILABLE)
+GET_IMAGE_ERRORS = (*AUTH_ERRORS, ErrorCode.IMAGE_NOT_FOUND, ErrorCode.DATABASE_UNAVAILABLE)
+
+
+def _code_line(code: ErrorCode, with_status: bool = False) -> str:
+    status = f" ({code.status})" if with_status else ""
+    return f"- `{code.value}`{status}: {code.meaning}"
+
+
+def error_catalogue_description() -> str:
+    """Every request-level error code with its HTTP status and meaning, one per line."""
+    return "\n".join(
+        ["The error's stable code, one of:", *(_code_line(c, with_status=True) for c in ErrorCode)]
+    )
+
+
+def _errors(*codes: ErrorCode) -> dict[str, Any]:
+    """An operation's error responses: one per catalogue status, listing that status's codes."""
+    by_status: dict[int, list[ErrorCode]] = {}
+    for code in codes:
+        by_status.setdefault(code.status, []).append(code)
     return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        str(status): {
+            "description": "\n".join(_code_line(c) for c in members),
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for status, members in sorted(by_status.items())
     }
 
 
@@ -86,7 +136,6 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
             "links": {"type": "object"},
         },
     }
-    unauthorized = _error("missing, malformed or revoked API key")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -130,11 +179,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                     "responses": {
                         "202": _json("Job", "accepted; the images are stored"),
                         "200": _json("Job", "a retry with a known Idempotency-Key"),
-                        "400": _error("invalid request or archive"),
-                        "401": unauthorized,
-                        "413": _error("too many files or bytes"),
-                        "415": _error("not multipart/form-data"),
-                        "503": _error("model unavailable"),
+                        **_errors(*CREATE_JOB_ERRORS),
                     },
                 }
             },
@@ -161,9 +206,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json("Job", "the job, with one page of its images"),
-                        "400": _error("invalid parameter"),
-                        "401": unauthorized,
-                        "404": _error("no such job for this client"),
+                        **_errors(*GET_JOB_ERRORS),
                     },
                 }
             },
@@ -178,8 +221,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                             "description": "CSV, one row per image",
                             "content": {"text/csv": {"schema": {"type": "string"}}},
                         },
-                        "401": unauthorized,
-                        "404": _error("no such job for this client"),
+                        **_errors(*JOB_CSV_ERRORS),
                     },
                 }
             },
@@ -191,8 +233,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json("Image", "one image and its result"),
-                        "401": unauthorized,
-                        "404": _error("no such image for this client"),
+                        **_errors(*GET_IMAGE_ERRORS),
                     },
                 }
             },
@@ -225,7 +266,20 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                 "Error": {
                     "type": "object",
                     "required": ["error"],
-                    "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}},
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {
+                                    "type": "string",
+                                    "enum": [c.value for c in ErrorCode],
+                                    "description": error_catalogue_description(),
+                                },
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
                 },
                 "Image": image,
                 "Job": job,

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from flask import request
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from api.errors import APIError
+from api.errors import APIError, ErrorCode
 from shared.db import as_utc
 from shared.models import TERMINAL_IMAGE, TERMINAL_JOB, Image, ImageStatus, Job, Result, job_status
 
 DEFAULT_PER_PAGE = 100
 
 
-def parse_id(value: str, what: str) -> str:
+NOT_FOUND = {"job": ErrorCode.JOB_NOT_FOUND, "image": ErrorCode.IMAGE_NOT_FOUND}
+
+
+def parse_id(value: str, what: Literal["job", "image"]) -> str:
     """Ids are UUIDs; anything else cannot name a resource, so it is a 404 as well."""
     try:
         return str(uuid.UUID(value))
     except (ValueError, AttributeError):
-        raise APIError(404, f"{what}_not_found", f"no {what} with id {value[:64]!r}") from None
+        raise APIError(NOT_FOUND[what], f"no {what} with id {value[:64]!r}") from None
 
 
 def int_arg(name: str, default: int, lo: int, hi: int) -> int:
@@ -32,9 +35,9 @@ def int_arg(name: str, default: int, lo: int, hi: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise APIError(400, "invalid_parameter", f"{name} must be an integer") from None
+        raise APIError(ErrorCode.INVALID_PARAMETER, f"{name} must be an integer") from None
     if not lo <= value <= hi:
-        raise APIError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}")
+        raise APIError(ErrorCode.INVALID_PARAMETER, f"{name} must be between {lo} and {hi}")
     return value
 
 

@@ -21,7 +21,7 @@ from typing import IO
 
 from werkzeug.datastructures import FileStorage
 
-from api.errors import APIError
+from api.errors import APIError, ErrorCode
 from shared.settings import Settings
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -46,13 +46,15 @@ class Budget:
     def take_files(self, n: int) -> None:
         self.files += n
         if self.files > self.max_files:
-            raise APIError(413, "too_many_files", f"a job may hold at most {self.max_files} images")
+            raise APIError(
+                ErrorCode.TOO_MANY_FILES, f"a job may hold at most {self.max_files} images"
+            )
 
     def take_bytes(self, n: int) -> None:
         self.bytes += n
         if self.bytes > self.max_bytes:
             raise APIError(
-                413, "request_too_large", f"the request expands beyond {self.max_bytes} bytes"
+                ErrorCode.REQUEST_TOO_LARGE, f"the request expands beyond {self.max_bytes} bytes"
             )
 
 
@@ -71,7 +73,7 @@ def clean_filename(name: str | None, fallback: str) -> str:
 def _read_limited(stream: IO[bytes], limit: int, name: str) -> bytes:
     data = stream.read(limit + 1)
     if len(data) > limit:
-        raise APIError(413, "file_too_large", f"{name!r} is larger than {limit} bytes")
+        raise APIError(ErrorCode.FILE_TOO_LARGE, f"{name!r} is larger than {limit} bytes")
     return data
 
 
@@ -94,7 +96,9 @@ def _zip_entries(
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
     except READ_ERRORS as exc:
-        raise APIError(400, "invalid_zip", f"{zip_name!r} is not a readable zip archive") from exc
+        raise APIError(
+            ErrorCode.INVALID_ZIP, f"{zip_name!r} is not a readable zip archive"
+        ) from exc
     with archive:
         budget.take_files(sum(1 for info in infos if not info.is_dir()))
         for info in infos:
@@ -105,28 +109,26 @@ def _zip_entries(
                 continue
             if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
                 raise APIError(
-                    400, "unsafe_zip_entry", f"zip entry {info.filename!r} escapes the archive"
+                    ErrorCode.UNSAFE_ZIP_ENTRY, f"zip entry {info.filename!r} escapes the archive"
                 )
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise APIError(
-                    400, "unsafe_zip_entry", f"zip entry {info.filename!r} is a symbolic link"
+                    ErrorCode.UNSAFE_ZIP_ENTRY, f"zip entry {info.filename!r} is a symbolic link"
                 )
             if info.flag_bits & 0x1:
                 raise APIError(
-                    400, "encrypted_zip_entry", f"zip entry {info.filename!r} is encrypted"
+                    ErrorCode.ENCRYPTED_ZIP_ENTRY, f"zip entry {info.filename!r} is encrypted"
                 )
             if path.name.startswith(".") or "__MACOSX" in path.parts:
                 continue  # resource forks and hidden files are not films
             if info.file_size > settings.max_file_bytes:
                 raise APIError(
-                    413,
-                    "file_too_large",
+                    ErrorCode.FILE_TOO_LARGE,
                     f"zip entry {info.filename!r} is larger than {settings.max_file_bytes} bytes",
                 )
             if info.compress_size and info.file_size / info.compress_size > settings.max_zip_ratio:
                 raise APIError(
-                    400,
-                    "zip_bomb",
+                    ErrorCode.ZIP_BOMB,
                     f"zip entry {info.filename!r} expands more than {settings.max_zip_ratio}x",
                 )
             try:
@@ -134,11 +136,11 @@ def _zip_entries(
                     content = _read_limited(member, settings.max_file_bytes, info.filename)
             except READ_ERRORS as exc:
                 raise APIError(
-                    400, "invalid_zip", f"zip entry {info.filename!r} cannot be read"
+                    ErrorCode.INVALID_ZIP, f"zip entry {info.filename!r} cannot be read"
                 ) from exc
             budget.take_bytes(len(content))
             if content.startswith(ZIP_MAGIC):
-                raise APIError(400, "nested_zip", f"zip entry {info.filename!r} is itself a zip")
+                raise APIError(ErrorCode.NESTED_ZIP, f"zip entry {info.filename!r} is itself a zip")
             yield Upload(clean_filename(str(path), f"entry-{len(content)}"), content)
 
 
@@ -151,7 +153,7 @@ def iter_uploads(files: list[FileStorage], settings: Settings) -> Iterator[Uploa
         data = _read_limited(storage.stream, settings.max_file_bytes, name)
         if data.startswith(ZIP_MAGIC) or name.lower().endswith(".zip"):
             if not data.startswith(ZIP_MAGIC):
-                raise APIError(400, "invalid_zip", f"{name!r} is not a readable zip archive")
+                raise APIError(ErrorCode.INVALID_ZIP, f"{name!r} is not a readable zip archive")
             for upload in _zip_entries(data, name, settings, budget):
                 sent += 1
                 yield upload
@@ -160,4 +162,6 @@ def iter_uploads(files: list[FileStorage], settings: Settings) -> Iterator[Uploa
             sent += 1
             yield Upload(name, data)
     if not sent:
-        raise APIError(400, "no_files", "send one or more images (or a zip) in the field 'files'")
+        raise APIError(
+            ErrorCode.NO_FILES, "send one or more images (or a zip) in the field 'files'"
+        )

@@ -16,6 +16,7 @@ from ml.dataset import load_images, read_labels
 from ml.metrics import roc_curve
 from ml.report import report_lines as validation_lines
 from ml.report import validation_report
+from shared.imaging import DEFAULT_MAX_PIXELS
 from shared.model_store import Classifier
 
 
@@ -28,7 +29,7 @@ def evaluate_folder(
     labels: Path,
     model_path: Path,
     roc_path: Path | None = None,
-    max_pixels: int = 50_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     n_boot: int = 1000,
     validation_only: bool = False,
 ) -> dict[str, Any]:

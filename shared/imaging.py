@@ -38,8 +38,7 @@ import numpy as np
 
 from shared.lungs import CROP_MARGIN, LungSegmenter, crop
 from shared.model_def import INPUT_SIZE
-
-DEFAULT_MAX_PIXELS = 50_000_000
+from shared.settings import DEFAULT_MAX_PIXELS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "cxr-cnn.npz"
+#: Images declaring more pixels than this are refused from their header, before decoding.
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class SettingsError(ValueError):
@@ -37,7 +39,7 @@ class Settings:
     # embedded Redis started by `cxr serve` when CXR_REDIS_URL is not set
     embedded_redis_port: int = 6390
     # limits
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_files_per_job: int = 5000
     max_file_bytes: int = 64 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024 * 1024

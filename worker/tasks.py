@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import random
 from functools import lru_cache
 
 from celery import Task
-from sqlalchemy.exc import DBAPIError, OperationalError
+from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import sessions_for
@@ -21,7 +21,17 @@ from worker.processing import process_chunk, release
 log = logging.getLogger(__name__)
 
 #: Transient failures (database, storage): the chunk is retried with exponential backoff.
-TRANSIENT = (OperationalError, DBAPIError, OSError)
+TRANSIENT = (OperationalError, InterfaceError, OSError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection-level database errors and storage I/O: worth a retry.  Integrity and
+    programming errors are bugs: retrying them dozens of times would only hide them."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
 MAX_RETRIES = 8
 
 
@@ -36,17 +46,15 @@ def blob_store() -> LocalBlobStore:
     return LocalBlobStore(get_settings().blob_path)
 
 
-def backoff(retries: int, cap: int) -> float:
-    """Exponential backoff with jitter: about 1, 2, 4, ... seconds, at most ``cap``."""
-    return min(cap, 2**retries) * random.uniform(0.5, 1.0)
-
-
 @app.task(name=CLASSIFY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def classify_chunk(self: Task, chunk_id: str) -> None:
     settings = get_settings()
     try:
         outcome = process_chunk(chunk_id, session_factory(), blob_store(), get_classifier, settings)
-    except TRANSIENT as exc:
+    except (*TRANSIENT, DBAPIError) as exc:
+        if not is_transient(exc):
+            log.error("chunk %s: %s is not transient: not retried", chunk_id, type(exc).__name__)
+            raise
         # Not an interruption: give the images back, then retry.  Once the retries are spent
         # the chunk's lease runs out and the sweeper sends it again.
         release(session_factory(), chunk_id)
@@ -55,7 +63,12 @@ def classify_chunk(self: Task, chunk_id: str) -> None:
         )
         raise self.retry(
             exc=exc,
-            countdown=backoff(self.request.retries, settings.retry_backoff_max),
+            countdown=get_exponential_backoff_interval(
+                factor=1,
+                retries=self.request.retries,
+                maximum=settings.retry_backoff_max,
+                full_jitter=True,
+            ),
             max_retries=MAX_RETRIES,
         ) from exc
     log.info(
