@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import brier_score_loss, roc_auc_score
+from sklearn.metrics import brier_score_loss
 
 from ml.dataset import NIH_SOURCE, PEDIATRIC_SOURCES, SAME_SOURCE_ADULT, Record
-from ml.metrics import METRICS, blocks_by_key, metric_block
+from ml.metrics import METRICS, auc_score, blocks_by_key, metric_block
 
 #: Targets of issue 7 on the adult validation films; the model card reports each as met or not.
 #: Audits are judged on max(AUC, 1 - AUC): see :func:`targets_met`.
@@ -31,10 +31,6 @@ TARGETS = {
     "audit_nih_vs_same_source": ("<=", 0.70),
 }
 ECE_BINS = 10
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, p)) if len(set(np.asarray(y).tolist())) == 2 else None
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -68,8 +64,8 @@ def audits(records: Sequence[Record], probs: np.ndarray) -> dict[str, float | No
     adult = same | nih
     both = adult | ped
     return {
-        "audit_adult_vs_pediatric": _auc(adult[both], probs[both]),
-        "audit_nih_vs_same_source": _auc(nih[adult], probs[adult]),
+        "audit_adult_vs_pediatric": auc_score(adult[both], probs[both]),
+        "audit_nih_vs_same_source": auc_score(nih[adult], probs[adult]),
     }
 
 

@@ -38,6 +38,11 @@ def _read(folder: Path, names: list[str]) -> list[Any]:
     return out
 
 
+def _manifest(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "manifest.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _rate(reasons: list[str], want_ok: bool) -> dict[str, Any]:
     n = len(reasons)
     wrong = sum((r == "ok") != want_ok for r in reasons)
@@ -56,36 +61,29 @@ def audit_scope(
     generated_per_kind: int = 20,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"segmenter": segmenter.version}
-    if frontal is not None:
-        with open(frontal / "manifest.csv", newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        by_source: dict[str, list[str]] = {}
-        for row in rows:
-            by_source.setdefault(row.get("source", "") or "-", []).append(row["file"])
-        report["frontal"] = {
-            src: _rate(_decisions(segmenter, _read(frontal, names)), want_ok=True)
-            for src, names in sorted(by_source.items())
+
+    def rates(folder: Path, groups: dict[str, list[str]], want_ok: bool) -> dict[str, Any]:
+        return {
+            name: _rate(_decisions(segmenter, _read(folder, files)), want_ok)
+            for name, files in sorted(groups.items())
         }
+
+    if frontal is not None:
+        by_source: dict[str, list[str]] = {}
+        for row in _manifest(frontal):
+            by_source.setdefault(row.get("source", "") or "-", []).append(row["file"])
+        report["frontal"] = rates(frontal, by_source, want_ok=True)
     if scope is not None:
-        with open(scope / "manifest.csv", newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        seen = set(
-            segmenter.metadata.get("training", {}).get("negatives", {}).get("scope_patients", [])
-        )
+        negatives = segmenter.metadata.get("training", {}).get("negatives", {})
+        seen = set(negatives.get("scope_patients", []))
         kinds: dict[str, list[str]] = {}
         trained: dict[str, list[str]] = {}
-        for row in rows:
+        for row in _manifest(scope):
             group = row.get("patient") or f"file:{row['file']}"  # as Record.group names it
             into = trained if group in seen else kinds
             into.setdefault(row["kind"], []).append(row["file"])
-        report["out_of_scope"] = {
-            kind: _rate(_decisions(segmenter, _read(scope, names)), want_ok=False)
-            for kind, names in sorted(kinds.items())
-        }
-        report["seen_in_training"] = {
-            kind: _rate(_decisions(segmenter, _read(scope, names)), want_ok=False)
-            for kind, names in sorted(trained.items())
-        }
+        report["out_of_scope"] = rates(scope, kinds, want_ok=False)
+        report["seen_in_training"] = rates(scope, trained, want_ok=False)
     generated = {
         kind: _rate(
             _decisions(

@@ -36,6 +36,7 @@ import numpy as np
 
 from ml.calibration import calibrate_and_choose
 from ml.dataset import (
+    ADULT_SOURCES,
     NIH_SOURCE,
     PEDIATRIC_SOURCES,
     SAME_SOURCE_ADULT,
@@ -94,7 +95,7 @@ RECIPES: dict[str, Recipe] = {
     "lungs-adult": Recipe(
         LUNGS,
         ADULT_SHARES,
-        sources=(*SAME_SOURCE_ADULT, NIH_SOURCE),
+        sources=ADULT_SOURCES,
         schedule=Schedule(epochs=40, patience=8, warmup_epochs=5, monitor="adult_auc"),
     ),
 }
@@ -224,7 +225,7 @@ def load(
 def adult_monitor_weights(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
     """(mask of adult films, AUC sample weights): among adult non-COVID films, same-source and
     NIH films weigh half each, so the monitored AUC cannot be earned by telling NIH apart."""
-    adult = np.array([r.source in (*SAME_SOURCE_ADULT, NIH_SOURCE) for r in records], bool)
+    adult = np.array([r.source in ADULT_SOURCES for r in records], bool)
     w = np.ones(len(records))
     for group in ("same-source-non-covid", "nih-non-covid"):
         idx = [i for i, r in enumerate(records) if adult[i] and weight_group(r) == group]

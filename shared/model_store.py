@@ -180,7 +180,7 @@ class Classifier:
             seg_path = info.segmenter_path
             if seg_path is None:
                 raise ModelFileError(f"{info.path} crops to the lung fields but names no segmenter")
-            self.segmenter = LungSegmenter(seg_path, info.metadata["segmenter"].get("sha256"))
+            self.segmenter = LungSegmenter(seg_path)
 
     @classmethod
     def load(cls, path: Path, threads: int = 0) -> Classifier:

@@ -56,17 +56,23 @@ class ChunkOutcome:
     already_done: int = 0
 
 
-def _fail(
-    session: Session, image_ids: Sequence[str], code: str, message: str, **extra: object
+def _end_unscored(
+    session: Session,
+    image_ids: Sequence[str],
+    status: ImageStatus,
+    code: str,
+    message: str,
+    **extra: object,
 ) -> int:
-    """Mark non-terminal images failed; returns how many changed."""
+    """Non-terminal -> ``failed`` or ``skipped``, with the reason and no result row; returns
+    how many changed (an image already terminal is left as it is)."""
     if not image_ids:
         return 0
     result = session.execute(
         update(Image)
         .where(Image.id.in_(image_ids), NOT_TERMINAL)
         .values(
-            status=ImageStatus.FAILED,
+            status=status,
             error_code=code,
             error_message=message[:500],
             finished_at=utcnow(),
@@ -76,21 +82,15 @@ def _fail(
     return result.rowcount
 
 
+def _fail(
+    session: Session, image_ids: Sequence[str], code: str, message: str, **extra: object
+) -> int:
+    return _end_unscored(session, image_ids, ImageStatus.FAILED, code, message, **extra)
+
+
 def _skip(session: Session, image_id: str, code: str, message: str) -> bool:
-    """Non-terminal -> skipped (out of the model's scope), with the reason; no result row.
-    False if the image was already terminal."""
-    return bool(
-        session.execute(
-            update(Image)
-            .where(Image.id == image_id, NOT_TERMINAL)
-            .values(
-                status=ImageStatus.SKIPPED,
-                error_code=code,
-                error_message=message[:500],
-                finished_at=utcnow(),
-            )
-        ).rowcount
-    )
+    """Out of the model's scope: never scored."""
+    return bool(_end_unscored(session, [image_id], ImageStatus.SKIPPED, code, message))
 
 
 def _complete(session: Session, classifier: Classifier, image_id: str, probability: float) -> bool:
@@ -225,29 +225,25 @@ def _classify(
         ).all()
     arrays: list[np.ndarray] = []
     ok_ids: list[str] = []
-    failures: list[tuple[str, ImageError]] = []
-    out_of_scope: list[tuple[str, OutOfScopeError]] = []
+    refused: list[tuple[str, ImageError]] = []
     for image_id, key in rows:
         decoded = _decode(blobs, key, classifier, settings)
-        if isinstance(decoded, OutOfScopeError):
-            out_of_scope.append((image_id, decoded))
-        elif isinstance(decoded, ImageError):
-            failures.append((image_id, decoded))
+        if isinstance(decoded, ImageError):
+            refused.append((image_id, decoded))
         else:
             arrays.append(decoded)
             ok_ids.append(image_id)
     probs = classifier.predict(np.stack(arrays)) if arrays else np.zeros(0)
     with session_factory.begin() as session:
-        for image_id, error in failures:
-            if _fail(session, [image_id], error.code, error.message):
-                outcome.failed += 1
-            else:
+        for image_id, error in refused:
+            skip = isinstance(error, OutOfScopeError)  # readable, but not a frontal chest film
+            status = ImageStatus.SKIPPED if skip else ImageStatus.FAILED
+            if not _end_unscored(session, [image_id], status, error.code, error.message):
                 outcome.already_done += 1
-        for image_id, error in out_of_scope:
-            if _skip(session, image_id, error.code, error.message):
+            elif skip:
                 outcome.out_of_scope += 1
             else:
-                outcome.already_done += 1
+                outcome.failed += 1
         for image_id, prob in zip(ok_ids, probs, strict=True):
             if _complete(session, classifier, image_id, float(prob)):
                 outcome.completed += 1
