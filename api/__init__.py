@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from api.errors import register_error_handlers
 from api.extensions import service
 from shared.settings import Settings, get_settings
-
-log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -13,6 +13,7 @@ equals it.  (The per-image codes of failed and skipped images, inside an accepte
 from __future__ import annotations
 
 import logging
+import traceback
 from enum import StrEnum
 
 from flask import Flask, Response, jsonify
@@ -162,5 +163,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
-        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+        # the frames say where, without the exception's message: it may hold a filename
+        where = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("unhandled %s\n%s", type(exc).__name__, where)
         return error_response(ErrorCode.INTERNAL_ERROR, "an unexpected error occurred")

@@ -27,7 +27,8 @@ from api.queries import (
 )
 from api.uploads import iter_uploads
 from shared.imaging import ImageError, check_header
-from shared.models import Chunk, Image, ImageStatus, Job, new_id
+from shared.models import Image, ImageStatus, Job, new_id
+from shared.planning import JobPlan, add_plan, plan_job
 from shared.queue import enqueue_chunks
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,11 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _find_by_idempotency_key(session: Session, client: str, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.client == client, Job.idempotency_key == key))
+def _existing_job_id(client: str, key: str) -> str | None:
+    with service.state.sessions() as session:
+        return session.scalar(
+            select(Job.id).where(Job.client == client, Job.idempotency_key == key)
+        )
 
 
 def _replay(job_id: str) -> tuple[Response, int, dict[str, str]]:
@@ -67,37 +71,35 @@ def _replay(job_id: str) -> tuple[Response, int, dict[str, str]]:
     return jsonify(body), 200, headers
 
 
-@bp.post("")
-def create_job() -> tuple[Response, int, dict[str, str]]:
-    state = service.state
-    settings = state.settings
-    if state.model is None:
+def _check_submission() -> None:
+    """Refusals that need no file read: no model to score with, or not a multipart body."""
+    if service.state.model is None:
         raise APIError(ErrorCode.MODEL_UNAVAILABLE, "the model is not available; see /readyz")
     if request.mimetype != "multipart/form-data":
         raise APIError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             "send multipart/form-data with the images in the field 'files'",
         )
-    principal = current_principal()
-    idempotency_key = _idempotency_key()
-    if idempotency_key is not None:
-        with state.sessions() as session:
-            existing = _find_by_idempotency_key(session, principal.client, idempotency_key)
-        if existing is not None:
-            return _replay(existing.id)
-    client_ref = request.form.get("client_ref")
-    if client_ref is not None:
-        if len(client_ref) > MAX_CLIENT_REF:
-            raise APIError(
-                ErrorCode.INVALID_PARAMETER, f"client_ref is longer than {MAX_CLIENT_REF}"
-            )
-        if any(not ch.isprintable() for ch in client_ref):
-            raise APIError(ErrorCode.INVALID_PARAMETER, "client_ref holds control characters")
 
-    job_id = new_id()
+
+def _client_ref() -> str | None:
+    client_ref = request.form.get("client_ref")
+    if client_ref is None:
+        return None
+    if len(client_ref) > MAX_CLIENT_REF:
+        raise APIError(ErrorCode.INVALID_PARAMETER, f"client_ref is longer than {MAX_CLIENT_REF}")
+    if any(not ch.isprintable() for ch in client_ref):
+        raise APIError(ErrorCode.INVALID_PARAMETER, "client_ref holds control characters")
+    return client_ref
+
+
+def _store_uploads(job_id: str) -> list[Image]:
+    """One row per submitted file, each stored durably before the next is read (and let go).
+    A file whose header is unreadable or too large is refused at the door: ``failed`` now,
+    never enqueued."""
+    state = service.state
+    settings = state.settings
     images: list[Image] = []
-    valid: list[Image] = []
-    # Each file is stored (durably, before we answer) and let go before the next is read.
     for position, upload in enumerate(iter_uploads(request.files.getlist("files"), settings)):
         image = Image(
             id=new_id(),
@@ -105,50 +107,58 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             position=position,
             filename=upload.filename,
             blob_key=state.blobs.put(upload.data),
-            size_bytes=len(upload.data),
             status=ImageStatus.QUEUED,
         )
         try:
             check_header(upload.data, settings.max_image_pixels)
-            valid.append(image)
-        except ImageError as exc:  # refused at the door: recorded, never enqueued
+        except ImageError as exc:
             image.status = ImageStatus.FAILED
             image.error_code, image.error_message = exc.code, exc.message
         images.append(image)
+    return images
+
+
+def _commit(plan: JobPlan) -> str | None:
+    """Write the plan; returns the id of the job that won instead, when a concurrent retry
+    with the same Idempotency-Key committed first."""
+    try:
+        with service.state.sessions.begin() as session:
+            add_plan(session, plan)
+    except IntegrityError:
+        key = plan.job.idempotency_key
+        winner = None if key is None else _existing_job_id(plan.job.client, key)
+        if winner is None:
+            raise
+        return winner
+    return None
+
+
+@bp.post("")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    """validate → plan the rows → commit (or replay) → enqueue."""
+    state = service.state
+    _check_submission()
+    principal = current_principal()
+    idempotency_key = _idempotency_key()
+    if idempotency_key is not None:
+        existing = _existing_job_id(principal.client, idempotency_key)
+        if existing is not None:
+            return _replay(existing)
     job = Job(
-        id=job_id,
+        id=new_id(),
         client=principal.client,
         idempotency_key=idempotency_key,
-        client_ref=client_ref,
+        client_ref=_client_ref(),
         model_version=state.model.version,
-        image_count=len(images),
     )
-
-    chunks = [
-        Chunk(id=new_id(), job_id=job.id)
-        for _ in range(math.ceil(len(valid) / settings.chunk_size))
-    ]
-    for n, image in enumerate(valid):
-        image.chunk_id = chunks[n // settings.chunk_size].id
-    try:
-        with state.sessions.begin() as session:
-            session.add(job)
-            session.flush()
-            session.add_all(chunks)
-            session.flush()
-            session.add_all(images)
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        with state.sessions() as session:  # a concurrent retry with the same key won the race
-            existing = _find_by_idempotency_key(session, principal.client, idempotency_key)
-        if existing is None:
-            raise
-        return _replay(existing.id)
+    images = _store_uploads(job.id)
+    plan = plan_job(job, images, state.settings.chunk_size)
+    winner = _commit(plan)
+    if winner is not None:
+        return _replay(winner)
     # Only after the commit: a worker must never see a chunk that is not in the database.
-    enqueue_chunks(state.celery, state.sessions, [c.id for c in chunks])
-    log.info("job %s accepted: %d images, %d chunks", job.id, len(images), len(chunks))
-
+    enqueue_chunks(state.celery, state.sessions, plan.chunk_ids)
+    log.info("job %s accepted: %d images, %d chunks", job.id, len(images), len(plan.chunks))
     with state.sessions() as session:
         body = job_summary(session, job)
     body["images"] = [image_dict(image, None) for image in images]

@@ -89,6 +89,48 @@ READ_ERRORS = (
 )
 
 
+def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
+    """The entry's path inside the archive, or None for what is not a film (folders, hidden
+    files, resource forks); refuses entries that escape, link or are encrypted."""
+    if info.is_dir():
+        return None
+    path = PurePosixPath(info.filename.replace("\\", "/"))
+    if not path.parts or path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
+        raise APIError(
+            ErrorCode.UNSAFE_ZIP_ENTRY, f"zip entry {info.filename!r} escapes the archive"
+        )
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise APIError(
+            ErrorCode.UNSAFE_ZIP_ENTRY, f"zip entry {info.filename!r} is a symbolic link"
+        )
+    if info.flag_bits & 0x1:
+        raise APIError(ErrorCode.ENCRYPTED_ZIP_ENTRY, f"zip entry {info.filename!r} is encrypted")
+    if path.name.startswith(".") or "__MACOSX" in path.parts:
+        return None
+    return path
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, settings: Settings) -> bytes:
+    """The entry's bytes, its declared size and ratio checked before any is inflated."""
+    if info.file_size > settings.max_file_bytes:
+        raise APIError(
+            ErrorCode.FILE_TOO_LARGE,
+            f"zip entry {info.filename!r} is larger than {settings.max_file_bytes} bytes",
+        )
+    if info.compress_size and info.file_size / info.compress_size > settings.max_zip_ratio:
+        raise APIError(
+            ErrorCode.ZIP_BOMB,
+            f"zip entry {info.filename!r} expands more than {settings.max_zip_ratio}x",
+        )
+    try:
+        with archive.open(info) as member:
+            return _read_limited(member, settings.max_file_bytes, info.filename)
+    except READ_ERRORS as exc:
+        raise APIError(
+            ErrorCode.INVALID_ZIP, f"zip entry {info.filename!r} cannot be read"
+        ) from exc
+
+
 def _zip_entries(
     data: bytes, zip_name: str, settings: Settings, budget: Budget
 ) -> Iterator[Upload]:
@@ -102,42 +144,10 @@ def _zip_entries(
     with archive:
         budget.take_files(sum(1 for info in infos if not info.is_dir()))
         for info in infos:
-            if info.is_dir():
+            path = _entry_path(info)
+            if path is None:
                 continue
-            path = PurePosixPath(info.filename.replace("\\", "/"))
-            if not path.parts:
-                continue
-            if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
-                raise APIError(
-                    ErrorCode.UNSAFE_ZIP_ENTRY, f"zip entry {info.filename!r} escapes the archive"
-                )
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise APIError(
-                    ErrorCode.UNSAFE_ZIP_ENTRY, f"zip entry {info.filename!r} is a symbolic link"
-                )
-            if info.flag_bits & 0x1:
-                raise APIError(
-                    ErrorCode.ENCRYPTED_ZIP_ENTRY, f"zip entry {info.filename!r} is encrypted"
-                )
-            if path.name.startswith(".") or "__MACOSX" in path.parts:
-                continue  # resource forks and hidden files are not films
-            if info.file_size > settings.max_file_bytes:
-                raise APIError(
-                    ErrorCode.FILE_TOO_LARGE,
-                    f"zip entry {info.filename!r} is larger than {settings.max_file_bytes} bytes",
-                )
-            if info.compress_size and info.file_size / info.compress_size > settings.max_zip_ratio:
-                raise APIError(
-                    ErrorCode.ZIP_BOMB,
-                    f"zip entry {info.filename!r} expands more than {settings.max_zip_ratio}x",
-                )
-            try:
-                with archive.open(info) as member:
-                    content = _read_limited(member, settings.max_file_bytes, info.filename)
-            except READ_ERRORS as exc:
-                raise APIError(
-                    ErrorCode.INVALID_ZIP, f"zip entry {info.filename!r} cannot be read"
-                ) from exc
+            content = _read_entry(archive, info, settings)
             budget.take_bytes(len(content))
             if content.startswith(ZIP_MAGIC):
                 raise APIError(ErrorCode.NESTED_ZIP, f"zip entry {info.filename!r} is itself a zip")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import requests
 
 from shared.models import TERMINAL_IMAGE, TERMINAL_JOB
+from shared.settings import get_settings, local_key_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip"}
 
@@ -27,21 +27,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             help="default: CXR_API_KEY, else the key `cxr serve` saved in CXR_DATA_DIR",
         )
 
-    p = sub.add_parser("submit", help="submit files, folders or zips as one job; prints its id")
+    p = sub.add_parser(
+        "submit", help="send films (files, folders or zips) as one job and print the job id"
+    )
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--client-ref", default=None)
     common(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("wait", help="poll a job until it is done, then print its results")
+    p = sub.add_parser(
+        "wait", help="show a job's progress until every film has an answer, then the results"
+    )
     p.add_argument("job_id")
-    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     p.add_argument("--timeout", type=float, default=0, help="seconds; 0 waits forever")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no results table")
     common(p)
     p.set_defaults(func=cmd_wait)
 
-    p = sub.add_parser("results", help="print a job's per-image results")
+    p = sub.add_parser(
+        "results", help="print a job's result for each film (a table, or CSV with --csv)"
+    )
     p.add_argument("job_id")
     p.add_argument("--csv", action="store_true")
     common(p)
@@ -53,15 +59,13 @@ class ClientError(RuntimeError):
 
 
 def base_url(args: argparse.Namespace) -> str:
-    return (args.url or os.environ.get("CXR_URL") or "http://127.0.0.1:8000").rstrip("/")
+    return (args.url or get_settings().url).rstrip("/")
 
 
 def http_session(args: argparse.Namespace) -> requests.Session:
     """A session that sends the API key: --api-key, CXR_API_KEY, or the one-machine key file."""
-    key = args.api_key or os.environ.get("CXR_API_KEY")
+    key = args.api_key or get_settings().api_key
     if not key:
-        from shared.settings import get_settings, local_key_file
-
         path = local_key_file(get_settings())
         if path.is_file():
             key = path.read_text().strip()
@@ -165,16 +169,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def finished(body: dict[str, Any]) -> int:
+    """Films with their answer: a result, or a recorded reason (failed, skipped)."""
+    return sum(body["counts"].get(s, 0) for s in TERMINAL_IMAGE)
+
+
+def progress_bar(total: int, already: int, tqdm: Any) -> Any:
+    """Films per second counted from when we started watching: films finished before (or while
+    another client watched) do not inflate the rate, and it is the average over the watch,
+    not a jumpy estimate from the last poll."""
+    return tqdm(total=total, initial=already, unit="film", smoothing=0, desc="waiting")
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     url, http = base_url(args), http_session(args)
     started = time.monotonic()
     body = get_job(http, url, args.job_id)
-    bar = None if args.quiet else tqdm(total=body["image_count"], unit="img", desc=body["status"])
+    bar = None if args.quiet else progress_bar(body["image_count"], finished(body), tqdm)
     try:
         while True:
-            done = sum(body["counts"].get(s, 0) for s in TERMINAL_IMAGE)
+            done = finished(body)
             if bar is not None:
                 bar.set_description(body["status"])
                 bar.update(done - bar.n)

@@ -6,16 +6,15 @@ import argparse
 import datetime as dt
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth import create_key, revoke
-from shared.db import as_utc, sessions_for
+from shared.db import as_utc, database
 from shared.models import ApiKey
 from shared.settings import get_settings
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    keys = sub.add_parser("keys", help="manage API keys")
+    keys = sub.add_parser("keys", help="create, list and revoke the API keys clients use")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     p = ksub.add_parser("create", help="create a key; it is printed once and never again")
     p.add_argument("--client", required=True, help="the client (hospital, system) that owns it")
@@ -28,17 +27,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_revoke)
 
 
-def _sessions() -> sessionmaker[Session]:
-    return sessions_for(get_settings().sqlalchemy_url)
-
-
 def _when(value: dt.datetime | None) -> str:
     value = as_utc(value)
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    with _sessions().begin() as session:
+    with database(get_settings().sqlalchemy_url) as sessions, sessions.begin() as session:
         row, plaintext = create_key(session, args.client, args.admin)
         key_id = row.id
     print(plaintext)
@@ -48,7 +43,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with _sessions()() as session:
+    with database(get_settings().sqlalchemy_url) as sessions, sessions() as session:
         rows = session.scalars(select(ApiKey).order_by(ApiKey.client, ApiKey.created_at)).all()
     print(f"{'id':36}  {'prefix':12}  {'client':20}  admin  created              revoked")
     for r in rows:
@@ -59,7 +54,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    with _sessions().begin() as session:
+    with database(get_settings().sqlalchemy_url) as sessions, sessions.begin() as session:
         n = revoke(session, args.key)
     if n == 0:
         print(f"no active key matches {args.key!r}")

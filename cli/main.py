@@ -16,13 +16,20 @@ from typing import Any
 import requests
 
 from cli.client import ClientError
-from shared.settings import SettingsError
+from shared.settings import SettingsError, get_settings
+
+#: The data given to the project (outside the repository), and where trained models go.
+GIVEN_DATA = Path("../shared/data")
+CLASSIFIER = Path("models/cxr-cnn.npz")
+SEGMENTER = Path("models/cxr-lungs.npz")
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the CNN on a folder with a manifest.csv")
-    p.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
-    p.add_argument("--out", type=Path, default=Path("models/cxr-cnn.npz"))
+    p = sub.add_parser(
+        "train", help="train a screening model from labelled films (a folder with manifest.csv)"
+    )
+    p.add_argument("--data", type=Path, default=GIVEN_DATA / "cxr")
+    p.add_argument("--out", type=Path, default=CLASSIFIER)
     p.add_argument(
         "--recipe",
         default="lungs-adult",
@@ -32,7 +39,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--segmenter",
         type=Path,
-        default=Path("models/cxr-lungs.npz"),
+        default=SEGMENTER,
         help="lung segmenter for the lungs recipes (cxr train-lungs writes it)",
     )
     p.add_argument(
@@ -71,16 +78,18 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("train-lungs", help="train the lung segmenter on a folder of lung masks")
-    p.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
-    p.add_argument("--masks", type=Path, default=Path("../shared/data/cxr-lungs"))
+    p = sub.add_parser(
+        "train-lungs", help="train the lung finder that crops films and rejects non-chest images"
+    )
+    p.add_argument("--data", type=Path, default=GIVEN_DATA / "cxr")
+    p.add_argument("--masks", type=Path, default=GIVEN_DATA / "cxr-lungs")
     p.add_argument(
         "--scope",
         type=Path,
-        default=Path("../shared/data/cxr-scope"),
+        default=GIVEN_DATA / "cxr-scope",
         help="out-of-scope films (lateral, CT); half of their patients teach 'no lungs here'",
     )
-    p.add_argument("--out", type=Path, default=Path("models/cxr-lungs.npz"))
+    p.add_argument("--out", type=Path, default=SEGMENTER)
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quiet", action="store_true")
@@ -88,16 +97,19 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "audit-scope",
-        help="how often the scope check skips frontal films and scores lateral, CT, other images",
+        help="measure how often frontal films are wrongly skipped and other images scored",
     )
-    p.add_argument("--images", type=Path, default=Path("../shared/data/cxr"))
-    p.add_argument("--scope", type=Path, default=Path("../shared/data/cxr-scope"))
-    p.add_argument("--segmenter", type=Path, default=Path("models/cxr-lungs.npz"))
+    p.add_argument("--images", type=Path, default=GIVEN_DATA / "cxr")
+    p.add_argument("--scope", type=Path, default=GIVEN_DATA / "cxr-scope")
+    p.add_argument("--segmenter", type=Path, default=SEGMENTER)
     p.add_argument("--generated-per-kind", type=int, default=20)
     p.add_argument("--json", type=Path, help="write the report here")
     p.set_defaults(func=_cmd_audit_scope)
 
-    p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder of images")
+    p = sub.add_parser(
+        "evaluate",
+        help="measure a model on labelled films: accuracy, sensitivity, specificity, AUC",
+    )
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--labels", type=Path, required=True, help="CSV: file,label[,source,patient]")
     p.add_argument("--json", type=Path, help="write the metrics here")
@@ -228,27 +240,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Screen chest X-rays for COVID-19: send films, get a probability and a label per film.
+A screening aid, not a diagnosis; MODEL_CARD.md says how well it does, and on which films."""
+
+EPILOG = """\
+getting started (one machine):
+  cxr serve                  start the service (leave it running)
+  cxr submit FOLDER          send the films in FOLDER; prints a job id
+  cxr wait JOB_ID            watch progress, then print each film's result
+  cxr results JOB_ID --csv   the results again, as CSV
+
+`cxr COMMAND --help` tells more about a command.  Settings come from CXR_* variables
+(README.md lists them)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_model_commands(sub)
+    parser = argparse.ArgumentParser(
+        prog="cxr",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from cli import client, keys, service
 
     service.add_commands(sub)
     client.add_commands(sub)
     keys.add_commands(sub)
+    _add_model_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(
-        level=os.environ.get("CXR_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
     args = build_parser().parse_args(argv)
     try:
+        logging.basicConfig(
+            level=get_settings().log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
         return int(args.func(args) or 0)
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -17,25 +17,25 @@ log = logging.getLogger("cxr.serve")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run Redis, the migration, a worker, the sweeper and the API")
+    p = sub.add_parser("serve", help="run the whole service on this machine (Ctrl-C stops it)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("api", help="run the HTTP API (gunicorn)")
+    p = sub.add_parser("api", help="run the HTTP API alone (production: several hosts)")
     p.add_argument("--dev", action="store_true", help="Flask's development server instead")
     p.set_defaults(func=cmd_api)
 
-    p = sub.add_parser("worker", help="run a Celery worker")
+    p = sub.add_parser("worker", help="run a worker that scores films (start more to go faster)")
     p.add_argument(
         "--concurrency", type=int, help="pool processes (default CXR_WORKER_CONCURRENCY)"
     )
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("sweeper", help="re-enqueue stranded chunks, periodically")
+    p = sub.add_parser("sweeper", help="resend work a crashed worker or lost message left behind")
     p.add_argument("--once", action="store_true")
     p.set_defaults(func=cmd_sweeper)
 
-    p = sub.add_parser("db", help="database migrations")
+    p = sub.add_parser("db", help="bring the database schema up to date, or show its version")
     p.add_argument("action", choices=("upgrade", "current"))
     p.set_defaults(func=cmd_db)
 
@@ -87,6 +87,8 @@ def worker_argv(
     """A prefork pool, also for one process: only it enforces the task time limit and survives
     a child that dies.  The parent never imports TensorFlow; each child loads the model in
     ``worker_process_init``."""
+    from shared.queue import QUEUE  # here, not at the top: `cxr submit` need not load Celery
+
     pool = pool or "prefork"
     return [
         sys.executable,
@@ -102,7 +104,7 @@ def worker_argv(
         "--loglevel",
         loglevel,
         "-Q",
-        "cxr",
+        QUEUE,
         "--without-gossip",
         "--without-mingle",
         "-n",
@@ -117,26 +119,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+class StopOnSignal:
+    """True once SIGTERM or SIGINT has arrived: long-running commands finish their round, stop
+    their children and exit cleanly instead of dying mid-write."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, *_: object) -> None:
+        self.stopping = True
+
+    def __call__(self) -> bool:
+        return self.stopping
+
+
 def cmd_sweeper(args: argparse.Namespace) -> int:
     from worker.sweeper import run_forever, sweep
 
     settings = get_settings()
     if args.once:
-        from shared.db import sessions_for
+        from shared.db import database
         from shared.queue import make_celery
 
-        sent = sweep(make_celery(settings), sessions_for(settings.sqlalchemy_url), settings)
+        with database(settings.sqlalchemy_url) as sessions:
+            sent = sweep(make_celery(settings), sessions, settings)
         print(f"re-enqueued {sent} chunk(s)")
         return 0
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    run_forever(settings, stop=lambda: stopping)
+    run_forever(settings, stop=StopOnSignal())
     return 0
 
 
@@ -153,15 +164,13 @@ def _ensure_local_key(settings: Settings) -> str:
         )
         return "authentication: DISABLED by CXR_AUTH_DISABLED"
     from shared.auth import create_key
-    from shared.db import make_engine, make_session_factory
+    from shared.db import database
 
     path = local_key_file(settings)
     if path.is_file():
         return f"authentication: on; local API key in {path}"
-    engine = make_engine(settings.sqlalchemy_url)
-    with make_session_factory(engine).begin() as session:
+    with database(settings.sqlalchemy_url) as sessions, sessions.begin() as session:
         _, plaintext = create_key(session, "local")
-    engine.dispose()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(plaintext + "\n")
@@ -169,6 +178,40 @@ def _ensure_local_key(settings: Settings) -> str:
         f"authentication: on; created an API key for client 'local' in {path} "
         "(the client commands use it; `cxr keys create` makes more)"
     )
+
+
+Children = list[tuple[str, subprocess.Popen[bytes]]]
+
+
+def _start_children(workers: int, env: dict[str, str], children: Children) -> None:
+    me = [sys.executable, "-m", "cli.main"]
+    for n in range(workers):
+        children.append((f"worker-{n + 1}", subprocess.Popen([*me, "worker"], env=env)))
+    children.append(("sweeper", subprocess.Popen([*me, "sweeper"], env=env)))
+    children.append(("api", subprocess.Popen([*me, "api"], env=env)))
+
+
+def _supervise(children: Children, stop: StopOnSignal) -> None:
+    """Until a signal, or until any child exits: one dead part stops the whole service, so it
+    never runs half-up unnoticed."""
+    while not stop():
+        for name, proc in children:
+            if proc.poll() is not None:
+                log.error("%s exited with %s; stopping everything", name, proc.returncode)
+                return
+        time.sleep(0.5)
+
+
+def _stop_children(children: Children) -> None:
+    """API first (no new jobs), then sweeper and workers; SIGTERM, then SIGKILL after 30 s."""
+    for _name, proc in reversed(children):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for _name, proc in children:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -183,47 +226,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
     redis = None
-    if not os.environ.get("CXR_REDIS_URL"):
+    if not settings.is_set("redis_url"):
         redis = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
         env["CXR_REDIS_URL"] = redis.url
     upgrade(settings.sqlalchemy_url)
     auth_note = _ensure_local_key(settings)
-    me = [sys.executable, "-m", "cli.main"]
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    children: Children = []
+    stop = StopOnSignal()
     try:
-        for n in range(args.workers):
-            children.append((f"worker-{n + 1}", subprocess.Popen([*me, "worker"], env=env)))
-        children.append(("sweeper", subprocess.Popen([*me, "sweeper"], env=env)))
-        children.append(("api", subprocess.Popen([*me, "api"], env=env)))
+        _start_children(args.workers, env, children)
         print(
             f"cxr-screen running: API http://{settings.host}:{settings.port}  "
             f"model {info.version}  data {settings.data_dir.resolve()}  "
             f"redis {env['CXR_REDIS_URL']}  (Ctrl-C stops everything)\n{auth_note}",
             flush=True,
         )
-        while not stopping:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    log.error("%s exited with %s; stopping everything", name, proc.returncode)
-                    stopping = True
-            time.sleep(0.5)
+        _supervise(children, stop)
     finally:
-        for _name, proc in reversed(children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _name, proc in children:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_children(children)
         if redis:
             redis.stop()
         print("cxr-screen stopped", flush=True)

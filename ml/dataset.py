@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ from shared.imaging import (
     preprocess,
 )
 from shared.lungs import LungSegmenter
-
-log = logging.getLogger(__name__)
 
 LABELS = {"covid": 1, "non-covid": 0}
 #: Adult films with both classes from the same collections: the headline question.

@@ -10,6 +10,11 @@ import numpy as np
 METRICS = ("accuracy", "sensitivity", "specificity", "auc")
 
 
+def fmt(value: float | None) -> str:
+    """A metric as every report prints it: three decimals, or ``n/a`` where undefined."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def auc_score(y: np.ndarray, p: np.ndarray) -> float | None:
     """ROC AUC by the Mann-Whitney rank statistic (ties count half); None for one class."""
     y = np.asarray(y, bool)

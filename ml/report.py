@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.metrics import brier_score_loss
 
 from ml.dataset import NIH_SOURCE, PEDIATRIC_SOURCES, SAME_SOURCE_ADULT, Record
-from ml.metrics import METRICS, auc_score, blocks_by_key, metric_block
+from ml.metrics import METRICS, auc_score, blocks_by_key, fmt, metric_block
 
 #: Targets of issue 7 on the adult validation films; the model card reports each as met or not.
 #: Audits are judged on max(AUC, 1 - AUC): see :func:`targets_met`.
@@ -131,8 +131,7 @@ def targets_met(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _fmt_metric(block: dict[str, Any], name: str) -> str:
     v, ci = block[name]["value"], block[name]["ci95"]
-    text = "n/a" if v is None else f"{v:.3f}"
-    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    return fmt(v) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def block_line(name: str, block: dict[str, Any]) -> str:
@@ -153,7 +152,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     audit = report["audits"]
     lines.append(
         "audits (AUC among non-COVID films; 0.5 = the score carries no source): "
-        + ", ".join(f"{k[6:]} {'n/a' if v is None else f'{v:.3f}'}" for k, v in audit.items())
+        + ", ".join(f"{k[6:]} {fmt(v)}" for k, v in audit.items())
     )
     cal = report["calibration"]
     lines.append(
@@ -163,7 +162,6 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     sk = report["skipped"]
     lines.append(f"skipped (not a frontal chest film): {sk['n']} {sk['by_source'] or ''}".rstrip())
     for name, t in report["targets"].items():
-        v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-        lines.append(f"target {name} {t['target']}: {v} {verdict}")
+        lines.append(f"target {name} {t['target']}: {fmt(t['value'])} {verdict}")
     return lines

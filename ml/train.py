@@ -48,6 +48,7 @@ from ml.dataset import (
     patient_split,
     read_labels,
 )
+from ml.metrics import fmt
 from ml.report import report_lines, validation_report
 from shared.imaging import DEFAULT_MAX_PIXELS, PreprocessConfig
 from shared.lungs import DEFAULT_SEGMENTER_PATH, LungSegmenter
@@ -254,7 +255,7 @@ def _monitor(stop_set: LoadedSet, progress: bool) -> Any:
             if logs is not None:
                 logs["val_adult_auc"] = float(value)
             if progress:
-                print(f"epoch {epoch + 1}: early-stopping adult AUC {value:.3f}", flush=True)
+                print(f"epoch {epoch + 1}: early-stopping adult AUC {fmt(value)}", flush=True)
 
     return AdultAUC()
 

@@ -1,8 +1,14 @@
-"""Engine and session set-up for SQLite (default) and PostgreSQL, plus dialect-aware upserts."""
+"""Engine and session set-up for SQLite (default) and PostgreSQL, plus dialect-aware upserts.
+
+Invariant: every engine a command, sweeper, test or benchmark opens is disposed of by the same
+``database()`` block that made it; only the long-lived API and worker processes hold one.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -66,8 +72,18 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 def sessions_for(url: str) -> sessionmaker[Session]:
-    """A session factory on a new engine for ``url`` (one per process or command)."""
+    """A session factory on a new engine for ``url``, for a process that keeps it for life."""
     return make_session_factory(make_engine(url))
+
+
+@contextmanager
+def database(url: str, **engine_kwargs: Any) -> Iterator[sessionmaker[Session]]:
+    """A session factory on a new engine for ``url``, disposed of when the block ends."""
+    engine = make_engine(url, **engine_kwargs)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
 
 
 def insert_for(session: Session, table: Any) -> Insert:

@@ -63,7 +63,6 @@ class LungFinding:
     frontal: bool
     reason: str  # "ok" or why the film is out of scope
     area: float  # lung fraction of the image
-    side_share: float  # the smaller field's share of the lung area
     box: Box | None
 
 
@@ -112,18 +111,18 @@ def find_lungs(mask: np.ndarray, margin: float = CROP_MARGIN) -> LungFinding:
     left = float(keep[:, : keep.shape[1] // 2].sum()) / keep.size
     share = float(min(left, area - left) / area) if area > 0 else 0.0
     if area < MIN_LUNG_AREA:
-        return LungFinding(False, "no_lungs_found", area, share, None)
+        return LungFinding(False, "no_lungs_found", area, None)
     if area > MAX_LUNG_AREA:
-        return LungFinding(False, "lung_area_implausible", area, share, None)
+        return LungFinding(False, "lung_area_implausible", area, None)
     if share < MIN_SIDE_SHARE:
-        return LungFinding(False, "not_two_lung_fields", area, share, None)
+        return LungFinding(False, "not_two_lung_fields", area, None)
     ys, xs = np.nonzero(keep)
     h, w = binary.shape
     x0, x1 = xs.min() / w, (xs.max() + 1) / w
     y0, y1 = ys.min() / h, (ys.max() + 1) / h
     dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
     box = Box(max(0.0, x0 - dx), max(0.0, y0 - dy), min(1.0, x1 + dx), min(1.0, y1 + dy))
-    return LungFinding(True, "ok", area, share, box)
+    return LungFinding(True, "ok", area, box)
 
 
 def crop(gray: np.ndarray, box: Box) -> np.ndarray:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,6 @@ import numpy as np
 
 from shared.imaging import PreprocessConfig
 from shared.lungs import LungSegmenter
-
-log = logging.getLogger(__name__)
 
 
 class ModelFileError(RuntimeError):

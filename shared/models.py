@@ -22,7 +22,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import utcnow
 
@@ -130,10 +130,7 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     client_ref: Mapped[str | None] = mapped_column(String(500))
     model_version: Mapped[str] = mapped_column(String(100))
-    image_count: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
-
-    images: Mapped[list[Image]] = relationship(back_populates="job", lazy="raise")
 
 
 class Chunk(Base):
@@ -151,9 +148,7 @@ class Chunk(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
-    started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
 
 
 class Image(Base):
@@ -172,7 +167,6 @@ class Image(Base):
     position: Mapped[int] = mapped_column(Integer)
     filename: Mapped[str] = mapped_column(String(255))
     blob_key: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=ImageStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -180,9 +174,6 @@ class Image(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
-
-    job: Mapped[Job] = relationship(back_populates="images", lazy="raise")
-    result: Mapped[Result | None] = relationship(lazy="raise", uselist=False)
 
 
 class Result(Base):
@@ -196,4 +187,3 @@ class Result(Base):
     probability: Mapped[float] = mapped_column(Float)
     label: Mapped[str] = mapped_column(String(16))
     model_version: Mapped[str] = mapped_column(String(100))
-    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

@@ -65,7 +65,11 @@ def enqueue_chunks(
             celery.send_task(CLASSIFY_TASK, args=[chunk_id], queue=QUEUE)
             sent.append(chunk_id)
     except Exception as exc:  # broker down: the rows are safe, the sweeper will send them
-        log.warning("enqueue failed after %d chunks (%s); the sweeper will retry", len(sent), exc)
+        log.warning(
+            "enqueue failed after %d chunks (%s); the sweeper will retry",
+            len(sent),
+            type(exc).__name__,
+        )
     if sent:
         try:
             with session_factory.begin() as session:
@@ -75,5 +79,5 @@ def enqueue_chunks(
                     .values(enqueued_at=utcnow())
                 )
         except Exception as exc:  # the tasks are out; at worst the sweeper sends one again
-            log.warning("could not stamp enqueued_at (%s)", exc)
+            log.warning("could not stamp enqueued_at (%s)", type(exc).__name__)
     return len(sent)

@@ -111,9 +111,3 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

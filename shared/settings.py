@@ -35,7 +35,8 @@ class Settings:
     model_path: Path = DEFAULT_MODEL_PATH
     host: str = "127.0.0.1"
     port: int = 8000
-    url: str = "http://127.0.0.1:8000"
+    url: str = "http://127.0.0.1:8000"  # the server the client commands talk to
+    api_key: str = dataclasses.field(default="", repr=False)  # the client commands' key
     # embedded Redis started by `cxr serve` when CXR_REDIS_URL is not set
     embedded_redis_port: int = 6390
     # limits
@@ -60,6 +61,11 @@ class Settings:
     log_level: str = "INFO"
     # Every /v1 request needs an API key unless this is set (one-machine, single-user mode only)
     auth_disabled: bool = False
+    #: the fields whose CXR_* variable was set (``cxr serve`` embeds Redis only if it was not)
+    explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False, compare=False)
+
+    def is_set(self, name: str) -> bool:
+        return name in self.explicit
 
     @property
     def blob_path(self) -> Path:
@@ -94,11 +100,19 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"CXR_{name.upper()} must be > 0")
+        self._validate_ranges()
+        self._validate_timings()
+        self._validate_strings()
+        return self
+
+    def _validate_ranges(self) -> None:
         if not (math.isfinite(self.sweep_interval) and self.sweep_interval > 0):
             raise SettingsError("CXR_SWEEP_INTERVAL must be a positive number of seconds")
         for name in ("port", "embedded_redis_port"):
             if getattr(self, name) > 65535:
                 raise SettingsError(f"CXR_{name.upper()} must be a port number (1-65535)")
+
+    def _validate_timings(self) -> None:
         if self.visibility_timeout < 2 * self.task_time_limit:
             raise SettingsError(
                 "CXR_VISIBILITY_TIMEOUT must be at least twice CXR_TASK_TIME_LIMIT, "
@@ -106,11 +120,14 @@ class Settings:
             )
         if self.lease_seconds <= self.task_time_limit:
             raise SettingsError("CXR_LEASE_SECONDS must exceed CXR_TASK_TIME_LIMIT")
+
+    def _validate_strings(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("CXR_REDIS_URL must be a redis:// URL")
+        if not self.url.startswith(("http://", "https://")):
+            raise SettingsError("CXR_URL must be an http:// or https:// URL")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("CXR_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
-        return self
 
 
 def _convert(name: str, raw: str, kind: type) -> object:
@@ -136,6 +153,7 @@ _TYPES: dict[str, type] = {
     "redis_url": str,
     "host": str,
     "url": str,
+    "api_key": str,
     "log_level": str,
     "sweep_interval": float,
     "auth_disabled": bool,
@@ -147,11 +165,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     values: dict[str, object] = {}
     for f in dataclasses.fields(Settings):
+        if f.name == "explicit":
+            continue
         raw = env.get(f"CXR_{f.name.upper()}")
         if raw is None or raw == "":
             continue
         values[f.name] = _convert(f.name, raw, _TYPES.get(f.name, int))
-    return Settings(**values).validate()  # type: ignore[arg-type]
+    return Settings(**values, explicit=frozenset(values)).validate()  # type: ignore[arg-type]
 
 
 def local_key_file(settings: Settings) -> Path:

@@ -2,7 +2,7 @@
 
 Keys are the sha256 of the bytes, so a retried upload stores nothing twice and a worker can
 verify what it reads.  ``LocalBlobStore`` writes into a directory that API and workers share
-(a volume across hosts); an S3-compatible store can implement the same three methods.
+(a volume across hosts); an S3-compatible store can implement the same two methods.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ class BlobCorruptError(OSError):
 class BlobStore(Protocol):
     def put(self, data: bytes) -> str: ...
     def get(self, key: str) -> bytes: ...
-    def exists(self, key: str) -> bool: ...
 
 
 def blob_key(data: bytes) -> str:
@@ -71,9 +70,3 @@ class LocalBlobStore:
         if blob_key(data) != key:
             raise BlobCorruptError(f"blob {key} does not match its checksum")
         return data
-
-    def exists(self, key: str) -> bool:
-        try:
-            return self._path(key).exists()
-        except BlobNotFoundError:
-            return False

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from sqlalchemy.orm import Session, sessionmaker
 
+from shared.db import database
 from shared.migrate import upgrade
 from shared.redis_server import RedisServer, free_port
 from shared.settings import Settings, load_settings
+from tests.factories import bearer, make_key, with_key
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
@@ -28,12 +31,18 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
-def _pg_engine():
-    from sqlalchemy import create_engine
+def _pg_admin(statement: str) -> None:
+    """One statement on the PostgreSQL server's admin database, outside a transaction
+    (``CREATE DATABASE`` cannot run in one)."""
+    from sqlalchemy import text
 
-    return create_engine(
-        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 2}
-    )
+    with (
+        database(
+            PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 2}
+        ) as admin,
+        admin() as session,
+    ):
+        session.execute(text(statement))
 
 
 _pg_state: dict[str, bool] = {}
@@ -42,12 +51,7 @@ _pg_state: dict[str, bool] = {}
 def postgres_available() -> bool:
     if "ok" not in _pg_state:
         try:
-            from sqlalchemy import text
-
-            engine = _pg_engine()
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            engine.dispose()
+            _pg_admin("SELECT 1")
             _pg_state["ok"] = True
         except Exception:
             _pg_state["ok"] = False
@@ -68,23 +72,6 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-def _create_pg_database() -> tuple[str, Callable[[], None]]:
-    from sqlalchemy import text
-
-    name = f"cxr_test_{uuid.uuid4().hex[:12]}"
-    engine = _pg_engine()
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-    def drop() -> None:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
-
-    return url, drop
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, migrated database: SQLite always, PostgreSQL where one is reachable."""
@@ -95,12 +82,21 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if not postgres_available():
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
-    url, drop = _create_pg_database()
+    name = f"cxr_test_{uuid.uuid4().hex[:12]}"
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    _pg_admin(f'CREATE DATABASE "{name}"')
     try:
         upgrade(url)
         yield url
     finally:
-        drop()
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on this test's database (the one its ``settings``, app and workers use)."""
+    with database(database_url) as sessions:
+        yield sessions
 
 
 @pytest.fixture
@@ -137,35 +133,20 @@ def app(settings: Settings):
         service.state.engine.dispose()
 
 
-def make_key(settings: Settings, client: str, is_admin: bool = False) -> str:
-    """A real API key in the test database; returns the plaintext."""
-    from shared.auth import create_key
-    from shared.db import make_engine, make_session_factory
-
-    engine = make_engine(settings.sqlalchemy_url)
-    try:
-        with make_session_factory(engine).begin() as session:
-            return create_key(session, client, is_admin)[1]
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
-def api_key(settings: Settings) -> str:
-    return make_key(settings, "test-hospital")
+def api_key(db_sessions: sessionmaker[Session]) -> str:
+    return make_key(db_sessions, "test-hospital")
 
 
 @pytest.fixture
 def auth_headers(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"}
+    return bearer(api_key)
 
 
 @pytest.fixture
 def client(app, api_key: str):
     """A Flask test client that sends the test client's API key."""
-    test_client = app.test_client()
-    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
-    return test_client
+    return with_key(app.test_client(), api_key)
 
 
 @pytest.fixture

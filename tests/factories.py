@@ -73,6 +73,59 @@ def png_declaring(width: int, height: int) -> bytes:
     )
 
 
+# --------------------------------------------------------------------------- API clients and keys
+# The one way the tests submit jobs and make API keys (``service_client`` polls a live stack).
+
+
+def png_files(n: int, seed: int = 0, **kwargs: int) -> list[tuple[str, bytes]]:
+    """``n`` generated films named ``0.png``, ``1.png``, ... (``seed`` shifts their content)."""
+    return [(f"{k}.png", png_bytes(seed + k, **kwargs)) for k in range(n)]
+
+
+def make_key(sessions, client: str, is_admin: bool = False) -> str:
+    """A real API key for ``client`` in the database behind ``sessions``; returns the plaintext."""
+    from shared.auth import create_key
+
+    with sessions.begin() as session:
+        return create_key(session, client, is_admin)[1]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def with_key(test_client, key: str):
+    """A Flask test client that sends ``key`` with every request."""
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return test_client
+
+
+def post_files(test_client, files: list[tuple[str, bytes]], headers=None, **form: str):
+    """``POST /v1/jobs`` through a Flask test client: ``files`` as (name, bytes) in the field
+    'files', ``form`` as further fields; returns the response, whatever its status."""
+    data = {"files": [(io.BytesIO(content), name) for name, content in files], **form}
+    return test_client.post(
+        "/v1/jobs", data=data, content_type="multipart/form-data", headers=headers or {}
+    )
+
+
+def submit(test_client, files: list[tuple[str, bytes]], **form: str) -> dict:
+    """``post_files`` that must be accepted (202); returns the new job."""
+    resp = post_files(test_client, files, **form)
+    assert resp.status_code == 202, resp.get_json()
+    return resp.get_json()
+
+
+def submit_http(http, url: str, files: list[tuple[str, bytes]], **kw) -> dict:
+    """``POST /v1/jobs`` over real HTTP (a ``requests`` session) to the API at ``url``; it must
+    be accepted (202); returns the new job."""
+    resp = http.post(
+        f"{url}/v1/jobs", files=[("files", (name, data)) for name, data in files], timeout=120, **kw
+    )
+    assert resp.status_code == 202, resp.text
+    return resp.json()
+
+
 def make_job(
     sessions,
     blobs,
@@ -80,30 +133,23 @@ def make_job(
     chunk_size: int = 32,
     **chunk_fields: object,
 ) -> tuple[str, list[str], list[str]]:
-    """Rows for one job as the API would write them; returns (job id, chunk ids, image ids)."""
-    from shared.models import Chunk, Image, Job, new_id
+    """Rows for one job, planned as the API plans them; returns (job id, chunk ids, image ids)."""
+    from shared.models import Image, ImageStatus, Job, new_id
+    from shared.planning import add_plan, plan_job
 
-    job = Job(id=new_id(), model_version="test", image_count=len(images))
-    chunks = [
-        Chunk(id=new_id(), job_id=job.id, **chunk_fields)
-        for _ in range(max(1, -(-len(images) // chunk_size)))
-    ]
+    job = Job(id=new_id(), model_version="test")
     rows = [
         Image(
             id=new_id(),
             job_id=job.id,
-            chunk_id=chunks[n // chunk_size].id,
             position=n,
             filename=f"image-{n}.png",
             blob_key=blobs.put(data),
-            size_bytes=len(data),
+            status=ImageStatus.QUEUED,
         )
         for n, data in enumerate(images)
     ]
+    plan = plan_job(job, rows, chunk_size, **chunk_fields)
     with sessions.begin() as session:
-        session.add(job)
-        session.flush()
-        session.add_all(chunks)
-        session.flush()
-        session.add_all(rows)
-    return job.id, [c.id for c in chunks], [r.id for r in rows]
+        add_plan(session, plan)
+    return job.id, plan.chunk_ids, [r.id for r in rows]

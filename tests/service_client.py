@@ -1,4 +1,5 @@
-"""HTTP and database helpers for the tests that drive a running stack."""
+"""Polling and database checks for the tests that drive a running stack (jobs are submitted
+with ``tests.factories.submit_http``)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,8 @@ import requests
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from shared.db import make_engine, make_session_factory
+from shared.db import database
 from shared.models import TERMINAL_IMAGE, TERMINAL_JOB, Image, ImageStatus, Result
-
-
-def submit(http: requests.Session, url: str, files: list[tuple[str, bytes]], **kw: Any) -> dict:
-    resp = http.post(
-        f"{url}/v1/jobs", files=[("files", (name, data)) for name, data in files], timeout=120, **kw
-    )
-    assert resp.status_code == 202, resp.text
-    return resp.json()
-
 
 #: What a busy machine throws at a wait now and then (a slow answer, a refused connection, a
 #: half-started server, a database restarting): retried until the wait's one overall deadline.
@@ -53,36 +45,28 @@ def wait_done(http: requests.Session, url: str, job_id: str, timeout: float = 18
 
 def result_rows(database_url: str, job_id: str) -> dict[str, int]:
     """Number of result rows per image id of a job (each must be exactly 1)."""
-    engine = make_engine(database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            rows = session.execute(
-                select(Result.image_id, func.count())
-                .join(Image, Image.id == Result.image_id)
-                .where(Image.job_id == job_id)
-                .group_by(Result.image_id)
-            ).all()
-            return dict(rows)
-    finally:
-        engine.dispose()
+    with database(database_url) as sessions, sessions() as session:
+        rows = session.execute(
+            select(Result.image_id, func.count())
+            .join(Image, Image.id == Result.image_id)
+            .where(Image.job_id == job_id)
+            .group_by(Result.image_id)
+        ).all()
+    return dict(rows)
 
 
 def assert_exactly_one_outcome(database_url: str, job_ids: list[str]) -> dict[str, int]:
     """Every image of these jobs is terminal; completed ones have exactly one result row,
     failed and skipped ones none (and a recorded reason).  Returns the count of images per
     status."""
-    engine = make_engine(database_url)
+    with database(database_url) as sessions, sessions() as session:
+        rows = session.execute(
+            select(Image.id, Image.status, Image.error_code, func.count(Result.image_id))
+            .outerjoin(Result, Result.image_id == Image.id)
+            .where(Image.job_id.in_(job_ids))
+            .group_by(Image.id, Image.status, Image.error_code)
+        ).all()
     counts: dict[str, int] = {}
-    try:
-        with make_session_factory(engine)() as session:
-            rows = session.execute(
-                select(Image.id, Image.status, Image.error_code, func.count(Result.image_id))
-                .outerjoin(Result, Result.image_id == Image.id)
-                .where(Image.job_id.in_(job_ids))
-                .group_by(Image.id, Image.status, Image.error_code)
-            ).all()
-    finally:
-        engine.dispose()
     assert rows, "no images"
     for image_id, status, error_code, n_results in rows:
         assert status in TERMINAL_IMAGE, f"image {image_id} ended {status}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -80,6 +81,7 @@ def test_settings_defaults_and_environment(tmp_path: Path) -> None:
         },
         {"CXR_REDIS_URL": "http://localhost"},
         {"CXR_LOG_LEVEL": "LOUD"},
+        {"CXR_URL": "localhost:8000"},
         {"CXR_SWEEP_INTERVAL": "0"},
         {"CXR_SWEEP_INTERVAL": "nan"},
         {"CXR_SWEEP_INTERVAL": "inf"},
@@ -90,6 +92,21 @@ def test_settings_defaults_and_environment(tmp_path: Path) -> None:
 def test_invalid_settings_are_refused_at_start(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError, match="CXR_"):
         load_settings(env)
+
+
+def test_settings_know_which_variables_were_set() -> None:
+    """``cxr serve`` embeds Redis only when CXR_REDIS_URL was not given, even if it was given
+    with the default's value."""
+    assert not load_settings({}).is_set("redis_url")
+    given = load_settings({"CXR_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert given.is_set("redis_url")
+    assert given == load_settings({})  # same values, whatever was spelt out
+
+
+def test_the_api_key_never_appears_in_the_settings_repr() -> None:
+    settings = load_settings({"CXR_API_KEY": "cxr_secret-value"})
+    assert settings.api_key == "cxr_secret-value"
+    assert "cxr_secret-value" not in repr(settings)
 
 
 def test_bundled_redis_server_runs_where_the_system_has_none(tmp_path: Path, monkeypatch) -> None:
@@ -109,3 +126,10 @@ def test_bundled_redis_server_runs_where_the_system_has_none(tmp_path: Path, mon
     finally:
         server.stop()
     assert not redis_server.port_open(server.port)
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    names = [f"CXR_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name != "explicit"]
+    missing = [name for name in names if f"`{name}`" not in readme]
+    assert not missing, f"settings missing from the README's table: {missing}"

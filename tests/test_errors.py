@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flask import Flask, abort
 
-from api.errors import HTTP_ERRORS, APIError, ErrorCode, register_error_handlers
+from api.errors import APIError, ErrorCode, register_error_handlers
 from api.openapi import build_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +138,10 @@ def tiny_app() -> Flask:
     def boom() -> str:
         raise RuntimeError("boom")
 
+    @app.get("/leak/<name>")
+    def leak(name: str) -> str:
+        raise ValueError(f"cannot read {name}")
+
     return app
 
 
@@ -180,4 +184,14 @@ def test_routing_and_unexpected_errors_answer_with_catalogue_members(tiny_app) -
     assert (resp.status_code, resp.get_json()["error"]["code"]) == (405, "method_not_allowed")
     resp = client.get("/boom")
     assert (resp.status_code, resp.get_json()["error"]["code"]) == (500, "internal_error")
-    assert set(HTTP_ERRORS.values()) <= set(ErrorCode)
+
+
+def test_an_unhandled_error_is_logged_by_type_and_place_never_by_message(tiny_app, caplog) -> None:
+    with caplog.at_level("ERROR", logger="api.errors"):
+        resp = tiny_app.test_client().get("/leak/patient-smith-1942.png")
+    assert resp.status_code == 500
+    assert "patient-smith-1942.png" not in resp.get_data(as_text=True)
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "ValueError" in logged
+    assert "in leak" in logged  # where it happened
+    assert "patient-smith-1942.png" not in logged

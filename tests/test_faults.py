@@ -7,7 +7,6 @@ database.  Run them alone with ``pytest -m fault``.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import time
@@ -16,11 +15,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from shared.db import make_engine, make_session_factory
 from shared.models import TERMINAL_IMAGE, Chunk, ChunkStatus, Image, ImageStatus
 from shared.redis_server import RedisServer, free_port
 from shared.settings import load_settings
-from tests.factories import png_bytes
+from tests.factories import make_key, png_bytes, png_files, submit, with_key
 from tests.service_client import assert_exactly_one_outcome, wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -47,19 +45,11 @@ def big_films(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
     return [(f"film-{k}.png", png_bytes(seed + k, height=1400, width=1400)) for k in range(n)]
 
 
-def submit(client, files: list[tuple[str, bytes]]) -> str:
-    data = {"files": [(io.BytesIO(content), name) for name, content in files]}
-    resp = client.post("/v1/jobs", data=data, content_type="multipart/form-data")
-    assert resp.status_code == 202, resp.get_json()
-    return resp.get_json()["id"]
-
-
 class Db:
     """Read-only views of the test database for the assertions."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
-        self.sessions = make_session_factory(self.engine)
+    def __init__(self, sessions) -> None:
+        self.sessions = sessions
 
     def running_chunk(self) -> str | None:
         with self.sessions() as s:
@@ -97,16 +87,14 @@ class Db:
 
 
 @pytest.fixture
-def db(database_url: str):
-    d = Db(database_url)
-    yield d
-    d.engine.dispose()
+def db(db_sessions) -> Db:
+    return Db(db_sessions)
 
 
 def test_worker_killed_mid_chunk(client, db, database_url, start_worker, start_sweeper) -> None:
     first = start_worker()
     start_sweeper()
-    job = submit(client, big_films(24))
+    job = submit(client, big_films(24))["id"]
     victim = wait_for(db.running_chunk, 60, "a chunk in progress")
     first.kill_all()
     assert db.chunk(victim).status == ChunkStatus.RUNNING  # killed in the middle of it
@@ -120,7 +108,7 @@ def test_worker_killed_mid_chunk(client, db, database_url, start_worker, start_s
 def test_pool_child_killed_mid_chunk(client, db, database_url, start_worker) -> None:
     """Only the pool process dies (OOM killer, segfault): the worker requeues at once."""
     worker = start_worker()
-    job = submit(client, big_films(18))
+    job = submit(client, big_films(18))["id"]
     victim = wait_for(db.running_chunk, 60, "a chunk in progress")
     children = worker.children()
     assert children, "no pool child found"
@@ -134,7 +122,7 @@ def test_pool_child_killed_mid_chunk(client, db, database_url, start_worker) -> 
 
 def test_worker_warm_shutdown_finishes_its_chunk(client, db, database_url, start_worker) -> None:
     first = start_worker()
-    job = submit(client, big_films(24))
+    job = submit(client, big_films(24))["id"]
     in_hand = wait_for(db.running_chunk, 60, "a chunk in progress")
     first.signal(signal.SIGTERM)
     assert first.process.wait(60) == 0
@@ -149,22 +137,27 @@ def test_worker_warm_shutdown_finishes_its_chunk(client, db, database_url, start
 
 @pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
 def test_redis_restarted_during_a_job(
-    appendonly, service_env, db, database_url, start_worker, start_sweeper, tmp_path: Path
+    appendonly,
+    service_env,
+    db,
+    db_sessions,
+    database_url,
+    start_worker,
+    start_sweeper,
+    tmp_path: Path,
 ) -> None:
     """With AOF the queued messages survive; without persistence the sweeper rebuilds them
     from the database (queue and unacked set empty, chunks still queued)."""
     from api import create_app
-    from tests.conftest import make_key
 
     redis = RedisServer(free_port(), tmp_path / "redis-own", appendonly=appendonly).start()
     try:
         env = {**service_env, "CXR_REDIS_URL": redis.url}
         settings = load_settings(env)
-        api = create_app(settings).test_client()
-        api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(settings, 'h')}"
+        api = with_key(create_app(settings).test_client(), make_key(db_sessions, "h"))
         start_worker(CXR_REDIS_URL=redis.url)
         start_sweeper(CXR_REDIS_URL=redis.url)
-        jobs = [submit(api, big_films(18, seed=s)) for s in (0, 100)]
+        jobs = [submit(api, big_films(18, seed=s))["id"] for s in (0, 100)]
         wait_for(lambda: db.completed(jobs[0]) > 0, 90, "some progress")
         redis.stop()
         time.sleep(2)
@@ -193,7 +186,7 @@ def test_database_unreachable_for_a_while(
         via_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
         start_worker(CXR_DATABASE_URL=via_proxy)
         start_sweeper(CXR_DATABASE_URL=via_proxy)
-        job = submit(client, big_films(30))
+        job = submit(client, big_films(30))["id"]
         wait_for(lambda: db.completed(job) > 0, 90, "some progress")
         proxy.cut()
         time.sleep(8)  # workers see connection errors and back off
@@ -212,9 +205,8 @@ def test_enqueue_failure_after_commit_is_recovered_by_the_sweeper(
     from api import create_app
 
     broken = load_settings({**service_env, "CXR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    api = create_app(broken).test_client()
-    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
-    job = submit(api, [(f"{n}.png", png_bytes(n)) for n in range(8)])
+    api = with_key(create_app(broken).test_client(), api_key)
+    job = submit(api, png_files(8))["id"]
     start_worker()
     time.sleep(2)
     assert db.completed(job) == 0  # nothing was sent
@@ -230,9 +222,9 @@ def test_poison_image_fails_after_max_attempts_and_the_rest_completes(
 
     worker = start_worker(pool="prefork", app="tests.poison_worker")
     start_sweeper()
-    films = [(f"{n}.png", png_bytes(n)) for n in range(6)]
+    films = png_files(6)
     films[2] = ("poison.png", png_bytes(2) + MARKER)  # a valid PNG; the decoder "crashes"
-    job = submit(client, films)
+    job = submit(client, films)["id"]
     wait_for(lambda: db.done([job]), 180, "the job to drain")
     by_name = {i.filename: i for i in db.images(job)}
     poison = by_name.pop("poison.png")

@@ -10,7 +10,7 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import func, select
 
-from shared.db import as_utc, make_engine, make_session_factory, utcnow
+from shared.db import as_utc, utcnow
 from shared.imaging import OutOfScopeError
 from shared.model_store import Classifier
 from shared.models import Chunk, ChunkStatus, Image, ImageStatus, Result
@@ -22,7 +22,7 @@ from worker.processing import (
     TOO_MANY_ATTEMPTS,
     ChunkOutcome,
     _complete,
-    _skip,
+    _end_unscored,
     process_chunk,
 )
 from worker.sweeper import sweep
@@ -34,16 +34,33 @@ def classifier() -> Classifier:
 
 
 @pytest.fixture
-def stack(settings, classifier):
-    engine = make_engine(settings.sqlalchemy_url)
-    sessions = make_session_factory(engine)
+def stack(settings, db_sessions, classifier):
     blobs = LocalBlobStore(settings.blob_path)
 
     def run(chunk_id: str):
-        return process_chunk(chunk_id, sessions, blobs, lambda: classifier, settings)
+        return process_chunk(chunk_id, db_sessions, blobs, lambda: classifier, settings)
 
-    yield sessions, blobs, run
-    engine.dispose()
+    return db_sessions, blobs, run
+
+
+class BatchSpy:
+    """The classifier, recording the size of every batch it is asked to score."""
+
+    def __init__(self, inner: Classifier) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def predict(self, x, *args, **kwargs):
+        self.batches.append(len(x))
+        return self.inner.predict(x, *args, **kwargs)
+
+
+@pytest.fixture
+def spy(classifier) -> BatchSpy:
+    return BatchSpy(classifier)
 
 
 def statuses(sessions, image_ids):
@@ -80,20 +97,69 @@ def test_processing_twice_changes_nothing(stack) -> None:
     assert before == after
 
 
-def test_redelivered_chunk_is_processed_image_by_image(stack) -> None:
-    """As if a worker died mid-chunk: the chunk is 'running', one image already done."""
-    sessions, blobs, run = stack
+def interrupted_chunk(sessions, blobs, states: list[ImageStatus]) -> tuple[str, list[str]]:
+    """A chunk whose worker died: claimed once, so ``running``, its images in ``states`` (one
+    ``running`` was being processed when it died; a ``completed`` one has its result)."""
     _, (chunk_id,), ids = make_job(
-        sessions, blobs, [png_bytes(n) for n in range(4)], status=ChunkStatus.RUNNING, attempts=1
+        sessions,
+        blobs,
+        [png_bytes(n) for n in range(len(states))],
+        status=ChunkStatus.RUNNING,
+        attempts=1,
     )
     with sessions.begin() as session:
-        for image in session.scalars(select(Image).where(Image.id.in_(ids))):
-            image.status, image.attempts = ImageStatus.RUNNING, 1
-    run_once = run(chunk_id)
-    assert run_once.completed == 4
-    assert [s[0] for s in statuses(sessions, ids)] == [ImageStatus.COMPLETED] * 4
-    assert [s[2] for s in statuses(sessions, ids)] == [2, 2, 2, 2]
-    assert result_count(sessions, ids) == 4
+        for image_id, state in zip(ids, states, strict=True):
+            session.get(Image, image_id).status = state
+            if state == ImageStatus.COMPLETED:
+                session.add(
+                    Result(image_id=image_id, probability=0.5, label="x", model_version="test")
+                )
+    return chunk_id, ids
+
+
+def test_first_delivery_scores_the_chunk_in_one_batch(stack, settings, spy) -> None:
+    """Counterpart of the test below: the spy sees a whole chunk go through in one batch."""
+    sessions, blobs, _ = stack
+    _, (chunk_id,), _ = make_job(sessions, blobs, [png_bytes(n) for n in range(4)])
+    outcome = process_chunk(chunk_id, sessions, blobs, lambda: spy, settings)
+    assert spy.batches == [4]
+    assert outcome == ChunkOutcome(completed=4)
+
+
+@pytest.mark.parametrize(
+    ("states", "batches"),
+    [
+        ([ImageStatus.RUNNING] * 4, [1, 1, 1, 1]),
+        (
+            [ImageStatus.COMPLETED, ImageStatus.RUNNING, ImageStatus.QUEUED, ImageStatus.QUEUED],
+            [1] * 3,
+        ),
+    ],
+    ids=["died-mid-batch", "died-mid-image"],
+)
+def test_redelivered_chunk_is_processed_image_by_image(
+    stack, settings, spy, states, batches
+) -> None:
+    """After an interruption every image still open is scored in a batch of its own (so one
+    that kills its process spends only its own attempts); the one already done is not."""
+    sessions, blobs, _ = stack
+    chunk_id, ids = interrupted_chunk(sessions, blobs, states)
+    outcome = process_chunk(chunk_id, sessions, blobs, lambda: spy, settings)
+    assert spy.batches == batches
+    assert outcome == ChunkOutcome(completed=len(batches))
+    assert {s[0] for s in statuses(sessions, ids)} == {ImageStatus.COMPLETED}
+    assert result_count(sessions, ids) == len(ids)
+
+
+def test_redelivery_counts_an_interruption_only_for_the_running_image(stack) -> None:
+    sessions, blobs, run = stack
+    chunk_id, ids = interrupted_chunk(
+        sessions,
+        blobs,
+        [ImageStatus.COMPLETED, ImageStatus.RUNNING, ImageStatus.QUEUED, ImageStatus.QUEUED],
+    )
+    run(chunk_id)
+    assert [s[2] for s in statuses(sessions, ids)] == [0, 1, 0, 0]
 
 
 def test_image_out_of_attempts_fails_and_the_rest_completes(stack, settings) -> None:
@@ -129,14 +195,13 @@ def one_lung_field(seed: int) -> bytes:
     return encode(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def test_out_of_scope_image_is_skipped_with_no_result(stack, settings, classifier) -> None:
-    sessions, blobs, _ = stack
+def test_out_of_scope_image_is_skipped_with_no_result(stack) -> None:
+    sessions, blobs, run = stack
     _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(1), one_lung_field(7), png_bytes(2)])
-    outcome = process_chunk(chunk_id, sessions, blobs, lambda: classifier, settings)
+    outcome = run(chunk_id)
     assert outcome == ChunkOutcome(completed=2, out_of_scope=1)
     states = statuses(sessions, ids)
-    assert states[1][:2] == (ImageStatus.SKIPPED, OutOfScopeError.code)
-    assert OutOfScopeError.code == "not_frontal_chest_xray"
+    assert states[1][:2] == (ImageStatus.SKIPPED, "not_frontal_chest_xray")
     assert states[0][0] == states[2][0] == ImageStatus.COMPLETED
     assert result_count(sessions, [ids[1]]) == 0
     assert result_count(sessions, [ids[0], ids[2]]) == 2
@@ -145,15 +210,35 @@ def test_out_of_scope_image_is_skipped_with_no_result(stack, settings, classifie
         assert skipped.error_message.startswith("not a frontal chest radiograph")
         assert skipped.finished_at is not None
         assert session.get(Chunk, chunk_id).status == ChunkStatus.DONE
-    # a redelivery of the finished chunk changes nothing
-    again = process_chunk(chunk_id, sessions, blobs, lambda: classifier, settings)
-    assert again == ChunkOutcome()
-    # nor can a stale execution (one that scored the image with another model) complete it
+
+
+def test_redelivery_of_a_chunk_with_a_skipped_image_changes_nothing(stack) -> None:
+    sessions, blobs, run = stack
+    _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(1), one_lung_field(7)])
+    run(chunk_id)
+    states = statuses(sessions, ids)
+    assert run(chunk_id) == ChunkOutcome()
+    assert statuses(sessions, ids) == states
+    assert result_count(sessions, ids) == 1
+
+
+def test_a_stale_execution_cannot_change_a_finished_image(stack, classifier) -> None:
+    """One that scored the images with another model, or judged their scope differently, and
+    comes to write after this chunk finished."""
+    sessions, blobs, run = stack
+    _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(1), one_lung_field(7)])
+    run(chunk_id)
+    states = statuses(sessions, ids)
+    with sessions() as session:
+        before = {r.image_id: r.probability for r in session.scalars(select(Result))}
     with sessions.begin() as session:
         assert not _complete(session, classifier, ids[1], 0.9)
-        assert not _skip(session, ids[0], OutOfScopeError.code, "stale")
+        assert not _end_unscored(
+            session, [ids[0]], ImageStatus.SKIPPED, OutOfScopeError.code, "stale"
+        )
     assert statuses(sessions, ids) == states
-    assert result_count(sessions, ids) == 2
+    with sessions() as session:
+        assert {r.image_id: r.probability for r in session.scalars(select(Result))} == before
 
 
 def test_out_of_scope_image_is_skipped_also_image_by_image(stack, settings, classifier) -> None:
@@ -268,9 +353,6 @@ class FlakyBlobs:
         if self.broken:
             raise OSError("storage unavailable")
         return self.inner.get(key)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
 
 
 def test_transient_error_is_not_counted_as_an_interruption(stack, settings, classifier) -> None:

@@ -10,8 +10,8 @@ import requests
 
 from shared.imaging import preprocess
 from shared.model_store import Classifier
-from tests.factories import jpeg_bytes, png_bytes, truncated
-from tests.service_client import result_rows, submit, wait_done
+from tests.factories import jpeg_bytes, png_bytes, submit_http, truncated
+from tests.service_client import result_rows, wait_done
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_submit_poll_and_results_match_the_model(
     good = [(f"film-{n}.png", png_bytes(n, height=200 + 37 * n, width=256)) for n in range(7)]
     good += [("film-j.jpg", jpeg_bytes(99))]
     bad = [("corrupt.png", truncated(png_bytes(50))), ("empty.jpg", b""), ("text.png", b"hello")]
-    job = submit(http, live_server, good + bad)
+    job = submit_http(http, live_server, good + bad)
     body = wait_done(http, live_server, job["id"])
 
     assert body["status"] == "completed_with_errors"
@@ -82,7 +82,7 @@ def test_corrupt_pixel_data_fails_only_that_image(http, live_server, start_worke
     broken = bytearray(png_bytes(2))
     idat = broken.index(b"IDAT")
     broken[idat + 8 : idat + 200] = bytes(192)  # zlib stream destroyed, IEND intact
-    job = submit(http, live_server, [("ok.png", ok), ("broken.png", bytes(broken))])
+    job = submit_http(http, live_server, [("ok.png", ok), ("broken.png", bytes(broken))])
     body = wait_done(http, live_server, job["id"])
     by_name = {i["filename"]: i for i in body["images"]}
     assert by_name["ok.png"]["status"] == "completed"
@@ -106,7 +106,7 @@ def test_non_chest_image_ends_skipped_through_the_service(
         ("letter.png", synthetic_png(generate("document", 1))),
         ("noise.png", synthetic_png(generate("noise", 2))),
     ]
-    job = submit(http, live_server, files)
+    job = submit_http(http, live_server, files)
     body = wait_done(http, live_server, job["id"])
     assert body["status"] == "completed"
     assert body["counts"]["completed"] == 1
@@ -127,7 +127,7 @@ def test_two_workers_share_a_big_job(http, live_server, start_worker, database_u
     w1.wait_ready()
     w2.wait_ready()
     files = [(f"{n}.png", png_bytes(n, height=120, width=120)) for n in range(40)]
-    job = submit(http, live_server, files)
+    job = submit_http(http, live_server, files)
     body = wait_done(http, live_server, job["id"])
     assert body["status"] == "completed"
     assert body["counts"]["completed"] == 40
@@ -187,7 +187,7 @@ def test_no_patient_data_in_logs_or_task_messages(
 
     caplog.set_level(logging.DEBUG)
     name, ref = "DOE^JOHN_1970-01-01_chest.png", "MRN-4455-SECRET"
-    job = submit(http, live_server, [(name, png_bytes(1))], data={"client_ref": ref})
+    job = submit_http(http, live_server, [(name, png_bytes(1))], data={"client_ref": ref})
     messages = redis_lib.Redis.from_url(redis_url).lrange("cxr", 0, -1)
     assert len(messages) == 1
     raw = messages[0].decode()

@@ -6,24 +6,20 @@ in the worker itself, before it reports ready, with ``--pool solo``; never in a 
 
 from __future__ import annotations
 
-import logging
-
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.signals import worker_process_init, worker_ready
 
 from shared.queue import make_celery
 from shared.settings import get_settings
 
-log = logging.getLogger(__name__)
-
 app = make_celery(get_settings(), name="cxr-worker")
 app.conf.include = ["worker.tasks"]
 
 
 def _load_model() -> None:
-    from worker.inference import get_classifier
+    from worker.resources import classifier
 
-    get_classifier()
+    classifier()
 
 
 @worker_process_init.connect

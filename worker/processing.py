@@ -88,11 +88,6 @@ def _fail(
     return _end_unscored(session, image_ids, ImageStatus.FAILED, code, message, **extra)
 
 
-def _skip(session: Session, image_id: str, code: str, message: str) -> bool:
-    """Out of the model's scope: never scored."""
-    return bool(_end_unscored(session, [image_id], ImageStatus.SKIPPED, code, message))
-
-
 def _complete(session: Session, classifier: Classifier, image_id: str, probability: float) -> bool:
     """Non-terminal -> completed, with its result row, atomically; False if it was terminal."""
     now = utcnow()
@@ -108,7 +103,6 @@ def _complete(session: Session, classifier: Classifier, image_id: str, probabili
         "probability": probability,
         "label": info.label(probability),
         "model_version": info.version,
-        "created_at": now,
     }
     stmt = insert_for(session, Result.__table__).values(image_id=image_id, **values)
     session.execute(stmt.on_conflict_do_update(index_elements=["image_id"], set_=values))
@@ -124,7 +118,6 @@ def _claim(session: Session, chunk_id: str, settings: Settings) -> int | None:
         .values(
             status=ChunkStatus.RUNNING,
             attempts=Chunk.attempts + 1,
-            started_at=now,
             lease_expires_at=now + dt.timedelta(seconds=settings.lease_seconds),
         )
     ).rowcount
@@ -258,7 +251,7 @@ def _finish(session: Session, chunk_id: str) -> bool:
         session.execute(
             update(Chunk)
             .where(Chunk.id == chunk_id, ~open_images)
-            .values(status=ChunkStatus.DONE, finished_at=utcnow(), lease_expires_at=None)
+            .values(status=ChunkStatus.DONE, lease_expires_at=None)
         ).rowcount
     )
 

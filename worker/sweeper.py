@@ -85,17 +85,17 @@ def run_forever(settings: Settings, stop: Callable[[], bool] = lambda: False) ->
 
     Several sweepers may run at once (one per host): re-enqueueing is idempotent.
     """
-    from shared.db import sessions_for
+    from shared.db import database
     from shared.queue import make_celery
 
     celery = make_celery(settings, name="cxr-sweeper")
-    sessions = sessions_for(settings.sqlalchemy_url)
     log.info("sweeper running every %.0f s", settings.sweep_interval)
-    while not stop():
-        try:
-            sweep(celery, sessions, settings)
-        except Exception as exc:  # DB or Redis away: try again next round
-            log.warning("sweep failed (%s)", type(exc).__name__)
-        deadline = time.monotonic() + settings.sweep_interval
-        while time.monotonic() < deadline and not stop():
-            time.sleep(min(0.5, settings.sweep_interval))
+    with database(settings.sqlalchemy_url) as sessions:
+        while not stop():
+            try:
+                sweep(celery, sessions, settings)
+            except Exception as exc:  # DB or Redis away: try again next round
+                log.warning("sweep failed (%s)", type(exc).__name__)
+            deadline = time.monotonic() + settings.sweep_interval
+            while time.monotonic() < deadline and not stop():
+                time.sleep(min(0.5, settings.sweep_interval))

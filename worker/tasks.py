@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import sessions_for
 from shared.queue import CLASSIFY_TASK
 from shared.settings import get_settings
-from shared.storage import LocalBlobStore
 from worker.celery_app import app
-from worker.inference import get_classifier
 from worker.processing import process_chunk, release
+from worker.resources import blobs, classifier, sessions
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +31,19 @@ def is_transient(exc: BaseException) -> bool:
 MAX_RETRIES = 8
 
 
-@lru_cache(maxsize=1)
-def session_factory() -> sessionmaker[Session]:
-    """One engine per process, created lazily (after any fork)."""
-    return sessions_for(get_settings().sqlalchemy_url)
-
-
-@lru_cache(maxsize=1)
-def blob_store() -> LocalBlobStore:
-    return LocalBlobStore(get_settings().blob_path)
-
-
-@app.task(name=CLASSIFY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+# acks_late and reject_on_worker_lost come from the app's config (shared/queue.py)
+@app.task(name=CLASSIFY_TASK, bind=True)
 def classify_chunk(self: Task, chunk_id: str) -> None:
     settings = get_settings()
     try:
-        outcome = process_chunk(chunk_id, session_factory(), blob_store(), get_classifier, settings)
+        outcome = process_chunk(chunk_id, sessions(), blobs(), classifier, settings)
     except (*TRANSIENT, DBAPIError) as exc:
         if not is_transient(exc):
             log.error("chunk %s: %s is not transient: not retried", chunk_id, type(exc).__name__)
             raise
         # Not an interruption: give the images back, then retry.  Once the retries are spent
         # the chunk's lease runs out and the sweeper sends it again.
-        release(session_factory(), chunk_id)
+        release(sessions(), chunk_id)
         log.warning(
             "chunk %s: transient %s, retry %d", chunk_id, type(exc).__name__, self.request.retries
         )

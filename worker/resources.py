@@ -1,0 +1,67 @@
+"""What a worker process builds once and keeps: its database sessions, blob store and model.
+
+Invariant: each is built lazily, in the process that uses it (never inherited across a fork:
+TensorFlow and database connections do not survive one), at most once per process even under a
+threaded pool, and only through :func:`per_process`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import sessions_for
+from shared.model_store import Classifier
+from shared.settings import get_settings
+from shared.storage import LocalBlobStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _PerProcess(Generic[T]):
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._value: T | None = None
+        functools.update_wrapper(self, build)
+
+    def __call__(self) -> T:
+        pid = os.getpid()
+        if self._pid != pid:
+            with self._lock:
+                if self._pid != pid:  # a forked child rebuilds what its parent held
+                    self._value = self._build()
+                    self._pid = pid
+        return self._value  # type: ignore[return-value]
+
+
+def per_process(build: Callable[[], T]) -> Callable[[], T]:
+    """``build()`` once per process, on first call."""
+    return _PerProcess(build)
+
+
+@per_process
+def sessions() -> sessionmaker[Session]:
+    return sessions_for(get_settings().sqlalchemy_url)
+
+
+@per_process
+def blobs() -> LocalBlobStore:
+    return LocalBlobStore(get_settings().blob_path)
+
+
+@per_process
+def classifier() -> Classifier:
+    settings = get_settings()
+    loaded = Classifier.load(settings.model_path, settings.inference_threads)
+    log.info("model %s loaded", loaded.info.version)
+    return loaded
