@@ -19,6 +19,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     service.init_app(app, settings)
     register_error_handlers(app)
 
+    from api.dicomweb import bp as dicomweb_bp
     from api.health import bp as health_bp
     from api.images import bp as images_bp
     from api.jobs import bp as jobs_bp
@@ -28,4 +29,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openapi_bp)
     app.register_blueprint(jobs_bp, url_prefix="/v1/jobs")
     app.register_blueprint(images_bp, url_prefix="/v1/images")
+    app.register_blueprint(dicomweb_bp, url_prefix="/dicomweb")
     return app

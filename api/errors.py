@@ -50,14 +50,16 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = (
         "unsupported_media_type",
         415,
-        "the submission is not multipart/form-data",
+        "the submission is not multipart/form-data or a JSON pull request (POST /v1/jobs), "
+        'or not multipart/related; type="application/dicom" (STOW-RS)',
     )
     BAD_REQUEST = "bad_request", 400, "the request body cannot be parsed (malformed multipart)"
     NO_FILES = "no_files", 400, "the submission holds no file in the field 'files'"
     INVALID_PARAMETER = (
         "invalid_parameter",
         400,
-        "a query parameter, client_ref or Idempotency-Key is malformed or out of range",
+        "a query parameter, client_ref, Idempotency-Key or pull request field is malformed, "
+        "out of range or not accepted",
     )
     INVALID_ZIP = "invalid_zip", 400, "a .zip file, or one of its entries, cannot be read"
     UNSAFE_ZIP_ENTRY = (
@@ -80,6 +82,11 @@ class ErrorCode(StrEnum):
         "the request, zips expanded, is over CXR_MAX_REQUEST_BYTES or has too many parts",
     )
     MODEL_UNAVAILABLE = "model_unavailable", 503, "the model is not loaded; see /readyz"
+    PACS_NOT_CONFIGURED = (
+        "pacs_not_configured",
+        501,
+        "a pull from the PACS was asked of a server without CXR_DICOMWEB_URL",
+    )
     # reads
     JOB_NOT_FOUND = "job_not_found", 404, "no job with this id for this client"
     IMAGE_NOT_FOUND = "image_not_found", 404, "no image with this id for this client"

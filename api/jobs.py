@@ -16,20 +16,22 @@ from sqlalchemy.orm import Session
 from api.auth import authenticate, current_principal
 from api.errors import APIError, ErrorCode
 from api.extensions import service
+from api.pull import pull_request
 from api.queries import (
     DEFAULT_PER_PAGE,
     image_dict,
     image_page,
     int_arg,
     job_images,
+    job_studies,
     job_summary,
     parse_id,
 )
 from api.uploads import iter_uploads
-from shared.imaging import ImageError, check_header
-from shared.models import Image, ImageStatus, Job, new_id
+from shared.ingest import ingest
+from shared.models import Image, ImageStatus, Job, PullStatus, new_id
 from shared.planning import JobPlan, add_plan, plan_job
-from shared.queue import enqueue_chunks
+from shared.queue import enqueue_chunks, enqueue_pull
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +77,23 @@ def _check_submission() -> None:
     """Refusals that need no file read: no model to score with, or not a multipart body."""
     if service.state.model is None:
         raise APIError(ErrorCode.MODEL_UNAVAILABLE, "the model is not available; see /readyz")
-    if request.mimetype != "multipart/form-data":
+    if request.mimetype not in ("multipart/form-data", "application/json"):
         raise APIError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            "send multipart/form-data with the images in the field 'files'",
+            "send multipart/form-data with the images in the field 'files', or a JSON pull request",
         )
 
 
 def _client_ref() -> str | None:
-    client_ref = request.form.get("client_ref")
+    if request.is_json:
+        body = request.get_json(silent=True)
+        client_ref = body.get("client_ref") if isinstance(body, dict) else None
+    else:
+        client_ref = request.form.get("client_ref")
     if client_ref is None:
         return None
+    if not isinstance(client_ref, str):
+        raise APIError(ErrorCode.INVALID_PARAMETER, "client_ref must be a string")
     if len(client_ref) > MAX_CLIENT_REF:
         raise APIError(ErrorCode.INVALID_PARAMETER, f"client_ref is longer than {MAX_CLIENT_REF}")
     if any(not ch.isprintable() for ch in client_ref):
@@ -94,28 +102,29 @@ def _client_ref() -> str | None:
 
 
 def _store_uploads(job_id: str) -> list[Image]:
-    """One row per submitted file, each stored durably before the next is read (and let go).
-    A file whose header is unreadable or too large is refused at the door: ``failed`` now,
-    never enqueued."""
+    """One row per submitted file, each stored durably before the next is read (and let go)."""
     state = service.state
     settings = state.settings
-    images: list[Image] = []
-    for position, upload in enumerate(iter_uploads(request.files.getlist("files"), settings)):
-        image = Image(
-            id=new_id(),
-            job_id=job_id,
-            position=position,
-            filename=upload.filename,
-            blob_key=state.blobs.put(upload.data),
-            status=ImageStatus.QUEUED,
+    uploads = iter_uploads(request.files.getlist("files"), settings)
+    return [
+        ingest(
+            state.blobs, job_id, position, upload.filename, upload.data, settings.max_image_pixels
         )
-        try:
-            check_header(upload.data, settings.max_image_pixels)
-        except ImageError as exc:
-            image.status = ImageStatus.FAILED
-            image.error_code, image.error_message = exc.code, exc.message
-        images.append(image)
-    return images
+        for position, upload in enumerate(uploads)
+    ]
+
+
+def _pull_from_pacs(job: Job) -> list[Image]:
+    """A pull job starts with no images: a worker searches and retrieves them."""
+    request_json = pull_request()  # a malformed request is the client's to fix first
+    if not service.state.settings.dicomweb_url:
+        raise APIError(
+            ErrorCode.PACS_NOT_CONFIGURED, "this server has no PACS to pull from (CXR_DICOMWEB_URL)"
+        )
+    job.source = "pull"
+    job.pull_request = request_json
+    job.pull_status = PullStatus.PENDING
+    return []
 
 
 def _commit(plan: JobPlan) -> str | None:
@@ -151,13 +160,15 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         client_ref=_client_ref(),
         model_version=state.model.version,
     )
-    images = _store_uploads(job.id)
+    images = _pull_from_pacs(job) if request.is_json else _store_uploads(job.id)
     plan = plan_job(job, images, state.settings.chunk_size)
     winner = _commit(plan)
     if winner is not None:
         return _replay(winner)
     # Only after the commit: a worker must never see a chunk that is not in the database.
     enqueue_chunks(state.celery, state.sessions, plan.chunk_ids)
+    if job.pull_status is not None:
+        enqueue_pull(state.celery, job.id)
     log.info("job %s accepted: %d images, %d chunks", job.id, len(images), len(plan.chunks))
     with state.sessions() as session:
         body = job_summary(session, job)
@@ -200,6 +211,15 @@ def get_job(job_id: str) -> Response:
     return jsonify(body)
 
 
+@bp.get("/<job_id>/studies")
+def get_studies(job_id: str) -> Response:
+    """The job's DICOM studies, one row each (empty for a job without DICOM input)."""
+    with service.state.sessions() as session:
+        job = _load_job(session, job_id)
+        studies = job_studies(session, job.id)
+    return jsonify({"job_id": job.id, "studies": studies})
+
+
 CSV_COLUMNS = (
     "image_id",
     "filename",
@@ -209,6 +229,10 @@ CSV_COLUMNS = (
     "error_code",
     "error_message",
     "model_version",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "pacs_delivery",
 )
 
 
@@ -235,6 +259,10 @@ def results_csv(job_id: str) -> Response:
                         image.error_code or "",
                         image.error_message or "",
                         "" if result is None else result.model_version,
+                        image.study_instance_uid or "",
+                        image.series_instance_uid or "",
+                        image.sop_instance_uid or "",
+                        image.pacs_delivery or "",
                     )
                 )
                 if n % 500 == 0:

@@ -8,18 +8,23 @@ from flask import Blueprint, Response, jsonify
 
 from api.errors import ErrorCode
 from api.extensions import service
-from shared.models import ImageStatus, JobStatus
+from api.pull import QUERY_KEYS
+from shared.imaging import OUT_OF_SCOPE_CODES
+from shared.models import ImageStatus, JobStatus, PacsDelivery
 
 bp = Blueprint("openapi", __name__)
 
 UUID_PARAM = {"type": "string", "format": "uuid"}
 IMAGE_STATUSES = [s.value for s in ImageStatus]
 JOB_STATUSES = [s.value for s in JobStatus]
+PACS_STATUSES = [s.value for s in PacsDelivery]
+DICOM_ONLY = "the source DICOM file's UID, as sent; null for PNG/JPEG input"
 IMAGE_STATUS_DESCRIPTION = (
     "queued or running, then exactly one terminal status: completed (probability and label), "
     "failed (error: the image could not be processed, e.g. corrupt_image, too_many_attempts) "
-    "or skipped (error: a readable image out of the model's scope, code "
-    "not_frontal_chest_xray: not a frontal chest radiograph; never scored)"
+    "or skipped (error: a readable image out of the model's scope, never scored; code one of "
+    + ", ".join(sorted(OUT_OF_SCOPE_CODES))
+    + ")"
 )
 
 
@@ -37,6 +42,18 @@ CREATE_JOB_ERRORS = (
     ErrorCode.ENCRYPTED_ZIP_ENTRY,
     ErrorCode.NESTED_ZIP,
     ErrorCode.ZIP_BOMB,
+    ErrorCode.TOO_MANY_FILES,
+    ErrorCode.FILE_TOO_LARGE,
+    ErrorCode.REQUEST_TOO_LARGE,
+    ErrorCode.MODEL_UNAVAILABLE,
+    ErrorCode.PACS_NOT_CONFIGURED,
+    ErrorCode.DATABASE_UNAVAILABLE,
+)
+STOW_ERRORS = (
+    *AUTH_ERRORS,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    ErrorCode.BAD_REQUEST,
+    ErrorCode.NO_FILES,
     ErrorCode.TOO_MANY_FILES,
     ErrorCode.FILE_TOO_LARGE,
     ErrorCode.REQUEST_TOO_LARGE,
@@ -86,6 +103,32 @@ def _json(ref: str, description: str) -> dict[str, Any]:
     }
 
 
+PULL_REQUEST = {
+    "type": "object",
+    "required": ["dicomweb"],
+    "description": "a job whose images a worker pulls from the PACS (CXR_DICOMWEB_URL)",
+    "properties": {
+        "dicomweb": {
+            "type": "object",
+            "properties": {
+                "study_uids": {"type": "array", "items": {"type": "string"}, "maxItems": 1000},
+                "query": {
+                    "type": "object",
+                    "description": "QIDO-RS study attributes: " + ", ".join(sorted(QUERY_KEYS)),
+                    "additionalProperties": {"type": "string"},
+                },
+            },
+        },
+        "client_ref": {"type": "string", "maxLength": 500},
+    },
+}
+STOW_ANSWER = {
+    "description": "PS3.18 store answer (ReferencedSOPSequence, FailedSOPSequence): 200 all "
+    "stored, 202 some failed, 409 none stored; Content-Location is the job",
+    "content": {"application/dicom+json": {"schema": {"type": "object"}}},
+}
+
+
 def build_spec(max_per_page: int) -> dict[str, Any]:
     nullable_string = {"type": ["string", "null"]}
     image = {
@@ -104,6 +147,46 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
             "error": {
                 "oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ErrorDetail"}],
                 "description": "the reason, for failed and skipped images; null otherwise",
+            },
+            "study_instance_uid": {**nullable_string, "description": DICOM_ONLY},
+            "series_instance_uid": {**nullable_string, "description": DICOM_ONLY},
+            "sop_instance_uid": {**nullable_string, "description": DICOM_ONLY},
+            "pacs_delivery": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["status", "error_code"],
+                        "properties": {
+                            "status": {"type": "string", "enum": PACS_STATUSES},
+                            "error_code": nullable_string,
+                        },
+                    },
+                ],
+                "description": "the report sent back to the PACS (CXR_DICOMWEB_URL) for a "
+                "scored DICOM image; null when there is nothing to send",
+            },
+        },
+    }
+    study = {
+        "type": "object",
+        "required": ["study_instance_uid", "images", "counts", "max_probability", "label"],
+        "properties": {
+            "study_instance_uid": {"type": "string"},
+            "images": {"type": "integer", "minimum": 1},
+            "counts": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "the study's images per image status",
+            },
+            "max_probability": {
+                "type": ["number", "null"],
+                "description": "the highest probability among its scored (frontal) films",
+            },
+            "label": {
+                "type": ["string", "null"],
+                "enum": ["covid", "non-covid", None],
+                "description": "the label of that film: the study's answer",
             },
         },
     }
@@ -134,6 +217,11 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
             "images": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}},
             "pagination": {"type": "object"},
             "links": {"type": "object"},
+            "source": {"type": "string", "enum": ["upload", "stow", "pull"]},
+            "pull": {
+                "type": ["object", "null"],
+                "description": "pull jobs only: pending, done or failed (with error_code)",
+            },
         },
     }
     return {
@@ -173,7 +261,8 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                                         "client_ref": {"type": "string", "maxLength": 500},
                                     },
                                 }
-                            }
+                            },
+                            "application/json": {"schema": PULL_REQUEST},
                         },
                     },
                     "responses": {
@@ -225,6 +314,35 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/jobs/{job_id}/studies": {
+                "get": {
+                    "operationId": "getJobStudies",
+                    "parameters": [
+                        {"name": "job_id", "in": "path", "required": True, "schema": UUID_PARAM}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "one row per DICOM study in the job",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["job_id", "studies"],
+                                        "properties": {
+                                            "job_id": UUID_PARAM,
+                                            "studies": {
+                                                "type": "array",
+                                                "items": {"$ref": "#/components/schemas/Study"},
+                                            },
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        **_errors(*JOB_CSV_ERRORS),
+                    },
+                }
+            },
             "/v1/images/{image_id}": {
                 "get": {
                     "operationId": "getImage",
@@ -234,6 +352,26 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                     "responses": {
                         "200": _json("Image", "one image and its result"),
                         **_errors(*GET_IMAGE_ERRORS),
+                    },
+                }
+            },
+            "/dicomweb/studies": {
+                "post": {
+                    "operationId": "stowInstances",
+                    "summary": "DICOMweb STOW-RS: store instances, one job per request",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            'multipart/related; type="application/dicom"': {
+                                "schema": {"type": "string", "format": "binary"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": STOW_ANSWER,
+                        "202": STOW_ANSWER,
+                        "409": STOW_ANSWER,
+                        **_errors(*STOW_ERRORS),
                     },
                 }
             },
@@ -282,6 +420,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                     },
                 },
                 "Image": image,
+                "Study": study,
                 "Job": job,
             },
         },

@@ -59,6 +59,15 @@ def image_dict(image: Image, result: Result | None, with_job: bool = False) -> d
             if image.status in (ImageStatus.FAILED, ImageStatus.SKIPPED)
             else None
         ),
+        # DICOM input only (null otherwise): the source's UIDs, as the client sent them
+        "study_instance_uid": image.study_instance_uid,
+        "series_instance_uid": image.series_instance_uid,
+        "sop_instance_uid": image.sop_instance_uid,
+        "pacs_delivery": (
+            {"status": image.pacs_delivery, "error_code": image.pacs_error_code}
+            if image.pacs_delivery
+            else None
+        ),
     }
     if with_job:
         out.update(
@@ -91,7 +100,7 @@ def job_summary(session: Session, job: Job) -> dict[str, Any]:
             started.append(as_utc(first_start))  # type: ignore[arg-type]
         if last_finish:
             finished.append(as_utc(last_finish))  # type: ignore[arg-type]
-    status = job_status(counts).value
+    status = job_status(counts, job.pull_status).value
     total = sum(counts.values())
     terminal = sum(counts[s] for s in TERMINAL_IMAGE)
     done = status in TERMINAL_JOB
@@ -106,6 +115,12 @@ def job_summary(session: Session, job: Job) -> dict[str, Any]:
         "created_at": iso(job.created_at),
         "started_at": iso(min(started)) if started else None,
         "completed_at": iso(max(finished)) if done and finished else None,
+        "source": job.source,
+        "pull": (
+            {"status": job.pull_status, "error_code": job.pull_error_code}
+            if job.pull_status
+            else None
+        ),
         "links": {
             "self": f"/v1/jobs/{job.id}",
             "results_csv": f"/v1/jobs/{job.id}/results.csv",
@@ -134,3 +149,34 @@ def image_page(
     total = session.scalar(count_query) or 0
     rows = session.execute(query.offset((page - 1) * per_page).limit(per_page)).all()
     return [image_dict(image, result) for image, result in rows], total
+
+
+def job_studies(session: Session, job_id: str) -> list[dict[str, Any]]:
+    """One row per DICOM study in the job, in order of first appearance: its images by
+    outcome, and the study's answer, which is its most suspicious scored film's (lateral and
+    other out-of-scope films are skipped, never scored, so they cannot decide it)."""
+    rows = session.execute(
+        select(Image.study_instance_uid, Image.status, Result.probability, Result.label)
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(Image.job_id == job_id, Image.study_instance_uid.is_not(None))
+        .order_by(Image.position)
+    ).all()
+    studies: dict[str, dict[str, Any]] = {}
+    for uid, status, probability, label in rows:
+        study = studies.setdefault(
+            uid,
+            {
+                "study_instance_uid": uid,
+                "images": 0,
+                "counts": {s.value: 0 for s in ImageStatus},
+                "max_probability": None,
+                "label": None,
+            },
+        )
+        study["images"] += 1
+        study["counts"][status] += 1
+        if probability is not None and (
+            study["max_probability"] is None or probability > study["max_probability"]
+        ):
+            study["max_probability"], study["label"] = probability, label
+    return list(studies.values())

@@ -14,6 +14,7 @@ from shared.models import TERMINAL_IMAGE, TERMINAL_JOB
 from shared.settings import get_settings, local_key_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip"}
+DICOMDIR = "DICOMDIR"  # PS3.10 fixes the index file's name
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +31,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "submit", help="send films (files, folders or zips) as one job and print the job id"
     )
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--client-ref", default=None)
+    p.add_argument("paths", nargs="*", type=Path, help="files, folders or zips")
+    p.add_argument("--client-ref", default=None, help="your own label for the job")
+    p.add_argument(
+        "--pacs-study",
+        action="append",
+        metavar="UID",
+        help="instead of files: have the server pull this study from its PACS (repeatable)",
+    )
+    p.add_argument(
+        "--pacs-query",
+        action="append",
+        metavar="KEY=VALUE",
+        help="instead of files: have the server pull the studies matching this QIDO-RS "
+        "filter, e.g. StudyDate=20260101-20260107 (repeatable)",
+    )
     common(p)
     p.set_defaults(func=cmd_submit)
 
@@ -85,15 +99,31 @@ def _check(resp: requests.Response) -> requests.Response:
     return resp
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file, whatever its name (PACS exports and DICOMDIR trees have no
+    extensions); reads only its first 132 bytes."""
+    from shared.dicom import MAGIC, PREAMBLE, is_dicom  # pydicom: only when a folder needs it
+
+    try:
+        with open(path, "rb") as fh:
+            return is_dicom(fh.read(PREAMBLE + len(MAGIC)))
+    except OSError:
+        return False
+
+
+def wanted(path: Path) -> bool:
+    """A file a folder walk submits: an image by its extension, or DICOM by its content; never
+    a DICOMDIR index (the files it references are in the tree, and the walk finds them)."""
+    if path.name.upper() == DICOMDIR:
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
+
+
 def collect_paths(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(
-                sorted(
-                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                )
-            )
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and wanted(p)))
         elif path.is_file():
             files.append(path)
         else:
@@ -162,8 +192,36 @@ def summary(counts: dict[str, int]) -> str:
     return ", ".join(parts)
 
 
+def pull_body(studies: list[str] | None, query: list[str] | None) -> dict[str, Any]:
+    """The JSON of a pull job, from --pacs-study / --pacs-query."""
+    if studies and query:
+        raise ClientError("give --pacs-study or --pacs-query, not both")
+    if studies:
+        return {"dicomweb": {"study_uids": studies}}
+    filters = {}
+    for item in query or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ClientError(f"--pacs-query takes KEY=VALUE, not {item!r}")
+        filters[key.strip()] = value.strip()
+    return {"dicomweb": {"query": filters}}
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    body = submit(http_session(args), base_url(args), collect_paths(args.paths), args.client_ref)
+    http, url = http_session(args), base_url(args)
+    if args.pacs_study or args.pacs_query:
+        if args.paths:
+            raise ClientError("give files or a PACS pull, not both")
+        payload = pull_body(args.pacs_study, args.pacs_query)
+        if args.client_ref:
+            payload["client_ref"] = args.client_ref
+        body = _check(http.post(f"{url}/v1/jobs", json=payload, timeout=60)).json()
+        print(body["id"])
+        print("the server is pulling the images from its PACS", file=sys.stderr)
+        return 0
+    if not args.paths:
+        raise ClientError("give files, folders or zips to send (or --pacs-study / --pacs-query)")
+    body = submit(http, url, collect_paths(args.paths), args.client_ref)
     print(body["id"])
     print(f"{body['image_count']} image(s) accepted", file=sys.stderr)
     return 0

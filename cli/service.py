@@ -75,6 +75,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         "-",
         "--access-logformat",
         '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss',  # no query strings
+        "--logger-class",
+        "api.access_log.UidMaskingLogger",  # no DICOM UIDs in paths either
         "api.wsgi:app",
     ]
     os.execv(sys.executable, argv)

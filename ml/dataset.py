@@ -19,11 +19,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared import imaging, lungs
+from shared import dicom, imaging, lungs
 from shared.imaging import (
     DEFAULT_MAX_PIXELS,
+    OUT_OF_SCOPE_CODES,
     ImageError,
-    OutOfScopeError,
     PreprocessConfig,
     preprocess,
 )
@@ -150,7 +150,7 @@ class ArrayCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         # the code of the path itself is part of the key: a retuned scope rule or resize must
         # never be answered from arrays the old code made
-        code = b"".join(Path(m.__file__).read_bytes() for m in (imaging, lungs))
+        code = b"".join(Path(m.__file__).read_bytes() for m in (imaging, dicom, lungs))
         self.salt = "|".join(
             (
                 str(sorted(config.to_dict().items())),
@@ -232,7 +232,7 @@ def load_images(
         if isinstance(value, np.ndarray):
             arrays.append(value)
             kept.append(r)
-        elif value == OutOfScopeError.code:
+        elif value in OUT_OF_SCOPE_CODES:  # a DICOM header's codes too
             skipped.append(r)
         else:
             unreadable.append((r.file, value))

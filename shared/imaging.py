@@ -1,8 +1,10 @@
 """The one preprocessing path (OpenCV), used by training, evaluation and serving alike.
 
-``preprocess(data)`` turns the bytes of a PNG (8- or 16-bit), JPEG, BMP or TIFF file, grayscale or
-color, of any size, into the model's input: grayscale, resized to 224x224 with ``INTER_AREA``,
-float32 in [0, 1], repeated to 3 channels.  A :class:`PreprocessConfig` (stored in the model's
+``preprocess(data)`` turns the bytes of a PNG (8- or 16-bit), JPEG, BMP, TIFF or DICOM Part 10
+file, grayscale or color, of any size, into the model's input: grayscale, resized to 224x224 with
+``INTER_AREA``, float32 in [0, 1], repeated to 3 channels.  A DICOM file is decoded to 8-bit
+grayscale by :func:`shared.dicom.decode` (modality LUT, window, MONOCHROME1 inverted) and then
+follows the same path as a PNG.  A :class:`PreprocessConfig` (stored in the model's
 metadata) adds the optional steps: a border crop, the lung-field crop and CLAHE.
 
 With ``lung_crop`` the lung segmenter (:mod:`shared.lungs`) runs on the decoded film first: a
@@ -14,16 +16,48 @@ The pixel count is read from the file header *before* the full decode, so a smal
 declares a huge image (a decompression bomb) is refused without allocating it.  Every refusal is
 a subclass of :class:`ImageError` with a stable ``code``:
 
-===================  ==========================  =================================================
-exception            code                        raised when
-===================  ==========================  =================================================
-EmptyImageError      ``empty_image``             zero bytes
-NotAnImageError      ``not_an_image``            not PNG/JPEG/BMP/TIFF by its magic bytes
-TruncatedImageError  ``truncated_image``         the file ends before the image does
-CorruptImageError    ``corrupt_image``           the header or the pixel data cannot be decoded
-ImageTooLargeError   ``image_too_large``         width x height above the limit (default 50 MP)
-OutOfScopeError      ``not_frontal_chest_xray``  no two lung fields found (lateral, CT, photo, ...)
-===================  ==========================  =================================================
+==============================  ===============================  ===================================
+exception                       code                             raised when
+==============================  ===============================  ===================================
+ImageError                      ``invalid_image``                (the base class; the worker) the
+                                                                 stored file is missing or fails its
+                                                                 checksum
+EmptyImageError                 ``empty_image``                  zero bytes
+NotAnImageError                 ``not_an_image``                 not PNG/JPEG/BMP/TIFF/DICOM by its
+                                                                 magic bytes; a DICOM file without
+                                                                 pixel data or of a non-image SOP
+                                                                 class (SR, RT plan, waveform, ...)
+TruncatedImageError             ``truncated_image``              the file ends before the image does
+CorruptImageError               ``corrupt_image``                the header or the pixel data cannot
+                                                                 be decoded
+ImageTooLargeError              ``image_too_large``              width x height above the limit
+                                                                 (default 50 MP); a deflated DICOM
+                                                                 that inflates beyond what the limit
+                                                                 allows
+InvalidDicomError               ``invalid_dicom``                a DICOM Part 10 file pydicom cannot
+                                                                 parse
+MultiFrameError                 ``multi_frame``                  a DICOM file with NumberOfFrames
+                                                                 above 1
+UnsupportedTransferSyntaxError  ``unsupported_transfer_syntax``  DICOM pixels in a transfer syntax
+                                                                 that no installed pydicom handler
+                                                                 decodes
+StudyMismatchError              ``study_uid_mismatch``           a STOW-RS
+                                                                 instance of another study than the
+                                                                 request's path names
+OutOfScopeError                 ``not_frontal_chest_xray``       no two lung fields found (lateral,
+                                                                 CT, photo, ...)
+NotChestRadiographError         ``not_chest_radiograph``         DICOM Modality present and not CR
+                                                                 or DX (CT, MR, US, ...)
+NotFrontalError                 ``not_frontal``                  DICOM ViewPosition lateral,
+                                                                 decubitus or oblique
+NotChestError                   ``not_chest``                    DICOM BodyPartExamined present and
+                                                                 not the chest
+==============================  ===============================  ===================================
+
+The last four are *out of scope* (status ``skipped``, never scored): :class:`OutOfScopeError` and
+its subclasses, whose codes are :data:`OUT_OF_SCOPE_CODES`; every other code is a failure.  A
+DICOM file's header is read first (:mod:`shared.dicom`): what it says about modality, view and
+body part decides before any pixel is decoded; where it says nothing, the lung segmenter decides.
 """
 
 from __future__ import annotations
@@ -32,6 +66,7 @@ import io
 import struct
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -39,6 +74,9 @@ import numpy as np
 from shared.lungs import CROP_MARGIN, LungSegmenter, crop
 from shared.model_def import INPUT_SIZE
 from shared.settings import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:  # shared.dicom imports this module: it is imported where it is used
+    from shared.dicom import DicomHeader
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -75,10 +113,45 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
+class InvalidDicomError(ImageError):
+    code = "invalid_dicom"
+
+
+class MultiFrameError(ImageError):
+    code = "multi_frame"
+
+
+class UnsupportedTransferSyntaxError(ImageError):
+    code = "unsupported_transfer_syntax"
+
+
+class StudyMismatchError(ImageError):
+    code = "study_uid_mismatch"
+
+
 class OutOfScopeError(ImageError):
-    """A readable image that is not a frontal chest radiograph: skipped, never scored."""
+    """A readable image that is not a frontal chest radiograph: skipped, never scored.  The
+    subclasses name what a DICOM header says it is instead; all of them are skipped alike."""
 
     code = "not_frontal_chest_xray"
+
+
+class NotChestRadiographError(OutOfScopeError):
+    code = "not_chest_radiograph"
+
+
+class NotFrontalError(OutOfScopeError):
+    code = "not_frontal"
+
+
+class NotChestError(OutOfScopeError):
+    code = "not_chest"
+
+
+#: Every code that means "skipped, not failed" (training and evaluation compare codes, not types).
+OUT_OF_SCOPE_CODES = frozenset(
+    cls.code for cls in (OutOfScopeError, NotChestRadiographError, NotFrontalError, NotChestError)
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +192,11 @@ def sniff_format(data: bytes) -> str:
         return "bmp"
     if data.startswith(TIFF_MAGICS):
         return "tiff"
-    raise NotAnImageError("not a PNG, JPEG, BMP or TIFF image")
+    from shared.dicom import is_dicom  # imports pydicom: only for what no cheaper check named
+
+    if is_dicom(data):
+        return "dicom"
+    raise NotAnImageError("not a PNG, JPEG, BMP, TIFF or DICOM Part 10 image")
 
 
 def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
@@ -161,6 +238,8 @@ def _check_complete(data: bytes, fmt: str) -> None:
 def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
     """Validate format, completeness and pixel count without decoding; return (fmt, w, h)."""
     fmt = sniff_format(data)
+    if fmt == "dicom":
+        return _check_dicom_header(data, max_pixels)
     width, height = _header_size(data, fmt)
     if width <= 0 or height <= 0:
         raise CorruptImageError("the header declares an empty image")
@@ -173,8 +252,39 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str
     return fmt, width, height
 
 
+def _checked_dicom_header(data: bytes, max_pixels: int) -> DicomHeader:
+    """The DICOM header, read and checked (no pixel is decoded)."""
+    from shared import dicom
+
+    header = dicom.read_header(data, max_pixels)
+    dicom.check_dicom(header, max_pixels)
+    return header
+
+
+def _check_dicom_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
+    header = _checked_dicom_header(data, max_pixels)
+    return "dicom", header.columns, header.rows
+
+
+def dicom_scope(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise what a DICOM file's header says about scope (modality, view, body part), after the
+    header's own checks and before any pixel is decoded; nothing for other formats."""
+    if sniff_format(data) != "dicom":
+        return
+    from shared.dicom import header_scope
+
+    refusal = header_scope(_checked_dicom_header(data, max_pixels))
+    if refusal is not None:
+        raise refusal
+
+
 def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode to a 2-D float32 array in [0, 1] (8-bit / 255, 16-bit / 65535)."""
+    """Decode to a 2-D float32 array in [0, 1] (8-bit / 255, 16-bit / 65535; DICOM through
+    :func:`shared.dicom.decode`, which checks its header itself, as 8-bit)."""
+    if sniff_format(data) == "dicom":
+        from shared import dicom
+
+        return dicom.decode(data, max_pixels).astype(np.float32) / 255.0
     fmt, _, _ = check_header(data, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
@@ -232,6 +342,8 @@ def preprocess(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     segmenter: LungSegmenter | None = None,
 ) -> np.ndarray:
-    """Bytes of an image file -> the model's (224, 224, 3) float32 input; raises ImageError."""
+    """Bytes of an image file -> the model's (224, 224, 3) float32 input; raises ImageError.
+    A DICOM header that says "not a frontal chest film" refuses the file before it is decoded."""
+    dicom_scope(data, max_pixels)
     gray = decode_grayscale(data, max_pixels)
     return to_model_input(lung_step(gray, config, segmenter), config)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -47,6 +48,25 @@ class ImageStatus(StrEnum):
 TERMINAL_IMAGE = frozenset({ImageStatus.COMPLETED, ImageStatus.FAILED, ImageStatus.SKIPPED})
 
 
+class PacsDelivery(StrEnum):
+    """Where the report on a scored DICOM image stands with the hospital's PACS (null: nothing
+    to send: not DICOM, not scored, or no ``CXR_DICOMWEB_URL``)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class PullStatus(StrEnum):
+    """A job that pulls its images from the PACS (DICOMweb QIDO-RS + WADO-RS) in a worker:
+    ``pending`` until every matching instance is stored as an image, then ``done``; ``failed``
+    (with a code) when the PACS could not be searched or reached."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class ChunkStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -66,8 +86,10 @@ class JobStatus(StrEnum):
 TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED})
 
 
-def job_status(counts: Mapping[str, int]) -> JobStatus:
-    """The job status from its images' status counts:
+def job_status(counts: Mapping[str, int], pull: str | None = None) -> JobStatus:
+    """The job status from its images' status counts (and, for a job that pulls from the PACS,
+    its pull status: images still arriving keep it ``queued``/``running``; a pull that failed
+    before any image arrived makes it ``failed``; a pull that matched nothing ``completed``):
 
     * ``queued``: no images, or all of them queued;
     * ``running``: some image is not terminal yet;
@@ -79,6 +101,10 @@ def job_status(counts: Mapping[str, int]) -> JobStatus:
       (so ``skipped`` + ``failed`` with nothing ``completed`` is this, not ``failed``).
     """
     total = sum(counts.values())
+    if pull == PullStatus.PENDING:
+        return JobStatus.QUEUED if total == 0 else JobStatus.RUNNING
+    if total == 0 and pull is not None:
+        return JobStatus.FAILED if pull == PullStatus.FAILED else JobStatus.COMPLETED
     failed = counts.get(ImageStatus.FAILED, 0)
     finished = sum(counts.get(s, 0) for s in TERMINAL_IMAGE)
     if total == 0 or counts.get(ImageStatus.QUEUED, 0) == total:
@@ -130,6 +156,14 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     client_ref: Mapped[str | None] = mapped_column(String(500))
     model_version: Mapped[str] = mapped_column(String(100))
+    # how the images came: "upload" (POST /v1/jobs), "stow" (DICOMweb STOW-RS) or "pull"
+    source: Mapped[str] = mapped_column(String(16), default="upload", server_default="upload")
+    # pull jobs only: what to fetch (JSON: study UIDs or a QIDO-RS query without patient
+    # identifiers), and how the pull stands
+    pull_request: Mapped[str | None] = mapped_column(Text)
+    pull_status: Mapped[str | None] = mapped_column(String(16))
+    pull_error_code: Mapped[str | None] = mapped_column(String(64))
+    pull_attempted_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -156,6 +190,8 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "position", name="uq_images_job_position"),
         Index("ix_images_job_status", "job_id", "status"),
+        Index("ix_images_job_study", "job_id", "study_instance_uid"),
+        Index("ix_images_pacs_delivery", "pacs_delivery"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -174,6 +210,15 @@ class Image(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    # DICOM input only: the source's UIDs, kept (the stored file has new ones) so that results
+    # can be sent back into the right study; null for PNG/JPEG
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    pacs_delivery: Mapped[str | None] = mapped_column(String(16))
+    pacs_error_code: Mapped[str | None] = mapped_column(String(64))
+    pacs_attempted_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
 
 
 class Result(Base):

@@ -22,12 +22,19 @@ log = logging.getLogger(__name__)
 
 CLASSIFY_TASK = "cxr.classify_chunk"
 QUEUE = "cxr"
+#: Work with the PACS (reports sent back, pulls of studies) goes through a queue of its own, so
+#: that a slow or unreachable PACS never holds classification back (every worker consumes it
+#: too: worker/celery_app.py).
+DELIVER_TASK = "cxr.deliver_report"
+PULL_TASK = "cxr.pull_job"
+PACS_QUEUE = "cxr-pacs"
 
 
 def make_celery(settings: Settings, name: str = "cxr") -> Celery:
     app = Celery(name, broker=settings.redis_url)
     app.conf.update(
         task_default_queue=QUEUE,
+        task_routes={DELIVER_TASK: {"queue": PACS_QUEUE}, PULL_TASK: {"queue": PACS_QUEUE}},
         task_ignore_result=True,
         result_backend=None,
         task_acks_late=True,
@@ -81,3 +88,34 @@ def enqueue_chunks(
         except Exception as exc:  # the tasks are out; at worst the sweeper sends one again
             log.warning("could not stamp enqueued_at (%s)", type(exc).__name__)
     return len(sent)
+
+
+def enqueue_deliveries(celery: Celery, image_ids: Iterable[str]) -> int:
+    """Send one report-delivery task per image, *after* their ``pending`` was committed.
+
+    A send that fails leaves the image pending with no attempt: the sweeper sends it after its
+    grace period.  Returns the number sent.
+    """
+    sent = 0
+    try:
+        for image_id in image_ids:
+            celery.send_task(DELIVER_TASK, args=[image_id], queue=PACS_QUEUE)
+            sent += 1
+    except Exception as exc:  # broker down: the rows are safe, the sweeper will send them
+        log.warning(
+            "enqueue of reports failed after %d (%s); the sweeper will retry",
+            sent,
+            type(exc).__name__,
+        )
+    return sent
+
+
+def enqueue_pull(celery: Celery, job_id: str) -> bool:
+    """Send a pull job's task, after its row was committed; False when the broker is away
+    (the sweeper sends it again: a pending pull without progress is re-enqueued)."""
+    try:
+        celery.send_task(PULL_TASK, args=[job_id], queue=PACS_QUEUE)
+    except Exception as exc:
+        log.warning("enqueue of pull job %s failed (%s)", job_id, type(exc).__name__)
+        return False
+    return True

@@ -17,6 +17,24 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def stop_process(process: subprocess.Popen, kill: bool = False, timeout: float = 10) -> bool:
+    """SIGTERM (or SIGKILL at once), then SIGKILL after ``timeout``; True if it had to be
+    killed after the timeout."""
+    if process.poll() is not None:
+        return False
+    if kill:
+        process.kill()
+    else:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return True
+    return False
+
+
 class RedisServerError(RuntimeError):
     pass
 
@@ -100,14 +118,5 @@ class RedisServer:
     def stop(self, kill: bool = False) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, kill=kill, timeout=10)
         self.process = None

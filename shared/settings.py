@@ -61,6 +61,10 @@ class Settings:
     log_level: str = "INFO"
     # Every /v1 request needs an API key unless this is set (one-machine, single-user mode only)
     auth_disabled: bool = False
+    # the hospital's PACS (DICOMweb): scored DICOM images get a report sent back there
+    dicomweb_url: str = ""
+    dicomweb_username: str = ""
+    dicomweb_password: str = dataclasses.field(default="", repr=False)
     #: the fields whose CXR_* variable was set (``cxr serve`` embeds Redis only if it was not)
     explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False, compare=False)
 
@@ -124,6 +128,8 @@ class Settings:
     def _validate_strings(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("CXR_REDIS_URL must be a redis:// URL")
+        if self.dicomweb_url and not self.dicomweb_url.startswith(("http://", "https://")):
+            raise SettingsError("CXR_DICOMWEB_URL must be an http:// or https:// URL")
         if not self.url.startswith(("http://", "https://")):
             raise SettingsError("CXR_URL must be an http:// or https:// URL")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -154,6 +160,9 @@ _TYPES: dict[str, type] = {
     "host": str,
     "url": str,
     "api_key": str,
+    "dicomweb_url": str,
+    "dicomweb_username": str,
+    "dicomweb_password": str,
     "log_level": str,
     "sweep_interval": float,
     "auth_disabled": bool,

@@ -23,6 +23,7 @@ from shared.migrate import upgrade
 from shared.redis_server import RedisServer, free_port
 from shared.settings import Settings, load_settings
 from tests.factories import bearer, make_key, with_key
+from tests.orthanc import OrthancServer, orthanc_unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
@@ -295,3 +296,24 @@ def real_data_dir() -> Path:
     if not (DATA_DIR / "manifest.csv").is_file():
         pytest.skip(f"real X-rays not available: {DATA_DIR} is absent (it is not in the repo)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """A private Orthanc with DICOMweb for the session (a real PACS); skips, saying why, only
+    where Orthanc or its DICOMweb plugin cannot be had (.ci/run installs them as root)."""
+    reason = orthanc_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pacs(orthanc: OrthancServer) -> Iterator[OrthancServer]:
+    """The session's Orthanc, emptied, with the DICOMweb servers a test registered removed."""
+    orthanc.clear()
+    yield orthanc
+    for name in orthanc.get("/dicom-web/servers"):
+        orthanc.remove_dicomweb_server(name)

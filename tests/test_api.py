@@ -152,7 +152,7 @@ def test_all_bad_images_make_a_failed_job(client) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
-        ({"json": {"files": []}}, 415, "unsupported_media_type"),
+        ({"json": {"files": []}}, 400, "bad_request"),  # JSON is for pulls from the PACS
         ({"data": b"raw", "content_type": "image/png"}, 415, "unsupported_media_type"),
         ({"data": {}, "content_type": "multipart/form-data"}, 400, "no_files"),
         ({"data": {"other": "a.png"}, "content_type": "multipart/form-data"}, 400, "no_files"),
@@ -345,7 +345,7 @@ def test_skipped_image_shows_its_reason_and_no_probability(client, app) -> None:
     assert len(lines) == 3
     assert lines[2] == (
         f"{skipped_id},lateral.png,skipped,,,not_frontal_chest_xray,"
-        "not a frontal chest radiograph: not two lung fields,"
+        "not a frontal chest radiograph: not two lung fields,,,,,"  # no model, no DICOM UIDs
     )
 
     # what `cxr wait` / `cxr results` print from the same answer

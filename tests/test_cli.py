@@ -42,3 +42,23 @@ def test_the_wait_rate_counts_only_films_finished_while_watching() -> None:
     )
     bar.close()
     assert 10 <= rate <= 100
+
+
+def test_pacs_options_become_the_pull_request_the_api_takes() -> None:
+    from cli.client import pull_body
+
+    assert pull_body(["1.2.3", "1.2.4"], None) == {"dicomweb": {"study_uids": ["1.2.3", "1.2.4"]}}
+    assert pull_body(None, ["StudyDate=20260101-20260107", "ModalitiesInStudy=DX"]) == {
+        "dicomweb": {"query": {"StudyDate": "20260101-20260107", "ModalitiesInStudy": "DX"}}
+    }
+
+
+def test_malformed_pacs_options_are_refused_before_any_request() -> None:
+    import pytest
+
+    from cli.client import ClientError, pull_body
+
+    with pytest.raises(ClientError):
+        pull_body(["1.2.3"], ["StudyDate=2026"])
+    with pytest.raises(ClientError):
+        pull_body(None, ["StudyDate"])

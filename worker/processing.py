@@ -8,7 +8,11 @@ the same chunk (a redelivery racing a slow worker) cannot undo each other's work
 * an image becomes ``failed`` only from a non-terminal status, and ``skipped`` likewise (a readable
   image the model's lung-field step finds out of scope, :class:`OutOfScopeError`: it gets an
   error code and message, never a probability and never a result row);
-* a chunk becomes ``done`` only when none of its images is still non-terminal.
+* a chunk becomes ``done`` only when none of its images is still non-terminal;
+* a DICOM image (one with a ``sop_instance_uid``) that becomes ``completed`` while a PACS is
+  configured gets ``pacs_delivery='pending'`` in that same UPDATE; the ids are handed to
+  ``send_reports`` (which enqueues their deliveries) only after the transaction committed (a
+  crash in between leaves them pending, and the sweeper sends them).
 
 ``attempts`` counts *interrupted* attempts: an image found ``running`` when a chunk is claimed
 was being processed by an execution that never finished (its worker died or timed out).  After
@@ -26,13 +30,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import exists, select, update
+from sqlalchemy import case, exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import insert_for, utcnow
 from shared.imaging import ImageError, OutOfScopeError, preprocess
 from shared.model_store import Classifier
-from shared.models import TERMINAL_IMAGE, Chunk, ChunkStatus, Image, ImageStatus, Result
+from shared.models import (
+    TERMINAL_IMAGE,
+    Chunk,
+    ChunkStatus,
+    Image,
+    ImageStatus,
+    PacsDelivery,
+    Result,
+)
 from shared.settings import Settings
 from shared.storage import BlobCorruptError, BlobNotFoundError, BlobStore
 
@@ -43,6 +55,11 @@ NOT_TERMINAL = Image.status.not_in(TERMINAL_IMAGE)
 #: A chunk claimed this many times (redeliveries and retries together) gives up on the images
 #: it still holds: a safety net against a fault that is neither transient nor a crash.
 MAX_CHUNK_CLAIMS = 30
+#: A report is owed to the PACS for a completed image that came from a DICOM file.
+OWES_REPORT = case((Image.sop_instance_uid.is_not(None), PacsDelivery.PENDING.value), else_=None)
+
+#: Sends one report-delivery task per image id (called after the commit that made them pending).
+ReportSender = Callable[[Sequence[str]], object]
 
 
 @dataclass
@@ -54,6 +71,7 @@ class ChunkOutcome:
     failed: int = 0
     out_of_scope: int = 0
     already_done: int = 0
+    reports_pending: int = 0  # completed DICOM images whose report is owed to the PACS
 
 
 def _end_unscored(
@@ -88,13 +106,27 @@ def _fail(
     return _end_unscored(session, image_ids, ImageStatus.FAILED, code, message, **extra)
 
 
-def _complete(session: Session, classifier: Classifier, image_id: str, probability: float) -> bool:
-    """Non-terminal -> completed, with its result row, atomically; False if it was terminal."""
+def _complete(
+    session: Session,
+    classifier: Classifier,
+    image_id: str,
+    probability: float,
+    pacs: bool = False,
+) -> bool:
+    """Non-terminal -> completed, with its result row, atomically; False if it was terminal.
+    With ``pacs``, a DICOM image's report becomes pending in the same UPDATE."""
     now = utcnow()
+    extra = {"pacs_delivery": OWES_REPORT} if pacs else {}
     changed = session.execute(
         update(Image)
         .where(Image.id == image_id, NOT_TERMINAL)
-        .values(status=ImageStatus.COMPLETED, error_code=None, error_message=None, finished_at=now)
+        .values(
+            status=ImageStatus.COMPLETED,
+            error_code=None,
+            error_message=None,
+            finished_at=now,
+            **extra,
+        )
     ).rowcount
     if not changed:
         return False
@@ -200,6 +232,40 @@ def _decode(
         return exc
 
 
+def _store(
+    session: Session,
+    classifier: Classifier,
+    refused: Sequence[tuple[str, ImageError]],
+    scored: Sequence[tuple[str, float]],
+    pacs: bool,
+    outcome: ChunkOutcome,
+) -> list[str]:
+    """Write one batch's outcomes; returns the ids of the images whose report became owed."""
+    for image_id, error in refused:
+        skip = isinstance(error, OutOfScopeError)  # readable, but not a frontal chest film
+        status = ImageStatus.SKIPPED if skip else ImageStatus.FAILED
+        if not _end_unscored(session, [image_id], status, error.code, error.message):
+            outcome.already_done += 1
+        elif skip:
+            outcome.out_of_scope += 1
+        else:
+            outcome.failed += 1
+    completed: list[str] = []
+    for image_id, prob in scored:
+        if _complete(session, classifier, image_id, prob, pacs):
+            outcome.completed += 1
+            completed.append(image_id)
+        else:
+            outcome.already_done += 1
+    if not (pacs and completed):
+        return []
+    owed = session.scalars(  # completed by this transaction: pending means pending because of it
+        select(Image.id).where(Image.id.in_(completed), Image.pacs_delivery == PacsDelivery.PENDING)
+    ).all()
+    outcome.reports_pending += len(owed)
+    return list(owed)
+
+
 def _classify(
     session_factory: sessionmaker[Session],
     image_ids: Sequence[str],
@@ -207,9 +273,11 @@ def _classify(
     classifier: Classifier,
     settings: Settings,
     outcome: ChunkOutcome,
+    send_reports: ReportSender | None = None,
 ) -> None:
     """Decode and predict with no transaction open, then write everything in one short one
-    (SQLite has one writer: decoding must not hold its lock)."""
+    (SQLite has one writer: decoding must not hold its lock); the reports owed are sent after
+    it committed."""
     with session_factory() as session:
         rows = session.execute(
             select(Image.id, Image.blob_key)
@@ -227,21 +295,12 @@ def _classify(
             arrays.append(decoded)
             ok_ids.append(image_id)
     probs = classifier.predict(np.stack(arrays)) if arrays else np.zeros(0)
+    scored = [(i, float(p)) for i, p in zip(ok_ids, probs, strict=True)]
+    pacs = bool(settings.dicomweb_url)
     with session_factory.begin() as session:
-        for image_id, error in refused:
-            skip = isinstance(error, OutOfScopeError)  # readable, but not a frontal chest film
-            status = ImageStatus.SKIPPED if skip else ImageStatus.FAILED
-            if not _end_unscored(session, [image_id], status, error.code, error.message):
-                outcome.already_done += 1
-            elif skip:
-                outcome.out_of_scope += 1
-            else:
-                outcome.failed += 1
-        for image_id, prob in zip(ok_ids, probs, strict=True):
-            if _complete(session, classifier, image_id, float(prob)):
-                outcome.completed += 1
-            else:
-                outcome.already_done += 1
+        owed = _store(session, classifier, refused, scored, pacs, outcome)
+    if owed and send_reports is not None:
+        send_reports(owed)
 
 
 def _finish(session: Session, chunk_id: str) -> bool:
@@ -277,9 +336,11 @@ def process_chunk(
     blobs: BlobStore,
     get_classifier: Callable[[], Classifier],
     settings: Settings,
+    send_reports: ReportSender | None = None,
 ) -> ChunkOutcome:
     """Classify every non-terminal image of a chunk; safe to run any number of times, also
-    concurrently."""
+    concurrently.  ``send_reports`` gets the ids of the DICOM images completed here once they
+    are committed (``CXR_DICOMWEB_URL`` set): the caller enqueues their report deliveries."""
     outcome = ChunkOutcome()
     with session_factory.begin() as session:
         claims = _claim(session, chunk_id, settings)
@@ -289,7 +350,7 @@ def process_chunk(
         pending, isolate = _start(session, chunk_id, claims, settings, outcome)
     classifier = get_classifier()
     if not isolate:
-        _classify(session_factory, pending, blobs, classifier, settings, outcome)
+        _classify(session_factory, pending, blobs, classifier, settings, outcome, send_reports)
     else:
         log.info("chunk %s was interrupted before: processing its images one by one", chunk_id)
         for image_id in pending:
@@ -297,7 +358,9 @@ def process_chunk(
                 if not _mark_running(session, [image_id]):
                     outcome.already_done += 1
                     continue
-            _classify(session_factory, [image_id], blobs, classifier, settings, outcome)
+            _classify(
+                session_factory, [image_id], blobs, classifier, settings, outcome, send_reports
+            )
     with session_factory.begin() as session:
         if not _finish(session, chunk_id):
             log.warning(

@@ -1,4 +1,5 @@
-"""What a worker process builds once and keeps: its database sessions, blob store and model.
+"""What a worker process builds once and keeps: its database sessions, blob store, model and
+PACS client.
 
 Invariant: each is built lazily, in the process that uses it (never inherited across a fork:
 TensorFlow and database connections do not survive one), at most once per process even under a
@@ -14,10 +15,12 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from dicomweb_client import DICOMwebClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import sessions_for
-from shared.model_store import Classifier
+from shared.dicomweb import pacs_client
+from shared.model_store import Classifier, ModelFileError, ModelInfo, read_model_info
 from shared.settings import get_settings
 from shared.storage import LocalBlobStore
 
@@ -65,3 +68,22 @@ def classifier() -> Classifier:
     loaded = Classifier.load(settings.model_path, settings.inference_threads)
     log.info("model %s loaded", loaded.info.version)
     return loaded
+
+
+@per_process
+def pacs() -> DICOMwebClient | None:
+    """The PACS's DICOMweb client; None when ``CXR_DICOMWEB_URL`` is not set."""
+    return pacs_client(get_settings())
+
+
+@per_process
+def model_info() -> ModelInfo | None:
+    """The configured model's metadata (threshold, version) without TensorFlow, for workers
+    that only send reports; None when it cannot be read (the report then omits the threshold)."""
+    try:
+        return read_model_info(get_settings().model_path, verify=False)
+    except ModelFileError as exc:
+        log.warning(
+            "model metadata unreadable (%s): reports omit the threshold", type(exc).__name__
+        )
+        return None

@@ -6,7 +6,12 @@
   queue and its unacked set are both empty, any chunk still queued after the grace period
   cannot be waiting for a worker;
 * queued chunks sent longer ago than the visibility timeout, whatever the broker says (their
-  message was lost while the broker stayed busy).
+  message was lost while the broker stayed busy);
+* report deliveries still ``pending`` with no attempt for longer than ``lease_seconds`` (since
+  the image was scored, or since its last attempt, which every attempt stamps first): their
+  message was never sent or was lost.  Only while the report queue is empty (else they may be
+  waiting in it), or after the visibility timeout whatever the queue holds;
+* pull jobs still ``pending`` with no attempt for as long, on the same terms.
 
 Each state change is a conditional UPDATE, so a chunk claimed by a worker in the meantime is
 left alone.  Re-enqueueing is always safe: processing is idempotent.
@@ -18,14 +23,15 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import utcnow
-from shared.models import Chunk, ChunkStatus
-from shared.queue import QUEUE, enqueue_chunks
+from shared.models import Chunk, ChunkStatus, Image, Job, PacsDelivery, PullStatus
+from shared.queue import PACS_QUEUE, QUEUE, enqueue_chunks, enqueue_deliveries, enqueue_pull
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,92 @@ def broker_is_idle(celery: Celery) -> bool:
     except Exception as exc:
         log.warning("cannot inspect the broker (%s)", type(exc).__name__)
         return False
+
+
+def pacs_queue_is_empty(celery: Celery) -> bool:
+    """True when no report delivery or pull waits in the broker (False when it cannot be asked)."""
+    try:
+        with celery.connection_for_write() as conn:
+            return conn.default_channel.client.llen(PACS_QUEUE) == 0
+    except Exception as exc:
+        log.warning("cannot inspect the broker (%s)", type(exc).__name__)
+        return False
+
+
+def _stale(last_activity: ColumnElement, settings: Settings, queue_empty: bool) -> ColumnElement:
+    """No progress for ``lease_seconds`` (its message would have been taken by now), or, while
+    the PACS queue holds messages (it may be waiting there), for the visibility timeout."""
+    quiet_for = settings.lease_seconds if queue_empty else settings.visibility_timeout
+    return last_activity < utcnow() - dt.timedelta(seconds=quiet_for)
+
+
+def _stranded_ids(
+    session: Session, id_column: Any, pending: ColumnElement, last_activity: Any, stale: Any
+) -> list[str]:
+    return list(
+        session.scalars(
+            select(id_column).where(pending, stale).order_by(last_activity).limit(SWEEP_LIMIT)
+        )
+    )
+
+
+def find_stranded_deliveries(session: Session, settings: Settings, queue_empty: bool) -> list[str]:
+    """Ids of images whose pending report delivery has made no progress for too long."""
+    last_activity = func.coalesce(Image.pacs_attempted_at, Image.finished_at)
+    pending = Image.pacs_delivery == PacsDelivery.PENDING
+    stale = _stale(last_activity, settings, queue_empty)
+    return _stranded_ids(session, Image.id, pending, last_activity, stale)
+
+
+def find_stranded_pulls(session: Session, settings: Settings, queue_empty: bool) -> list[str]:
+    """Ids of pull jobs still pending with no attempt for too long (each attempt stamps
+    ``pull_attempted_at`` first, and no attempt outlives the task time limit)."""
+    last_activity = func.coalesce(Job.pull_attempted_at, Job.created_at)
+    pending = Job.pull_status == PullStatus.PENDING
+    stale = _stale(last_activity, settings, queue_empty)
+    return _stranded_ids(session, Job.id, pending, last_activity, stale)
+
+
+def _sweep_pacs_work(
+    celery: Celery,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    find: Callable[[Session, Settings, bool], list[str]],
+    send: Callable[[Celery, list[str]], int],
+    what: str,
+) -> int:
+    empty = pacs_queue_is_empty(celery)
+    with session_factory() as session:
+        ids = find(session, settings, empty)
+    sent = send(celery, ids) if ids else 0
+    if sent:
+        log.warning("sweeper re-enqueued %d stranded %s", sent, what)
+    return sent
+
+
+def sweep_deliveries(
+    celery: Celery, session_factory: sessionmaker[Session], settings: Settings
+) -> int:
+    """Re-enqueue stranded report deliveries; returns how many were sent."""
+    return _sweep_pacs_work(
+        celery,
+        session_factory,
+        settings,
+        find_stranded_deliveries,
+        enqueue_deliveries,
+        "report delivery task(s)",
+    )
+
+
+def sweep_pulls(celery: Celery, session_factory: sessionmaker[Session], settings: Settings) -> int:
+    """Re-enqueue stranded pull jobs; returns how many were sent."""
+
+    def send(celery: Celery, ids: list[str]) -> int:
+        return sum(enqueue_pull(celery, job_id) for job_id in ids)
+
+    return _sweep_pacs_work(
+        celery, session_factory, settings, find_stranded_pulls, send, "pull job(s)"
+    )
 
 
 def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> list[str]:
@@ -69,14 +161,16 @@ def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> li
 
 
 def sweep(celery: Celery, session_factory: sessionmaker[Session], settings: Settings) -> int:
-    """Re-enqueue stranded chunks; returns how many were sent."""
+    """Re-enqueue stranded chunks, then stranded report deliveries; returns how many chunks
+    were sent (:func:`sweep_deliveries` logs its own count)."""
     idle = broker_is_idle(celery)
     with session_factory.begin() as session:
         ids = find_stranded(session, settings, idle)
-    if not ids:
-        return 0
-    sent = enqueue_chunks(celery, session_factory, ids)
-    log.warning("sweeper re-enqueued %d stranded chunk(s)", sent)
+    sent = enqueue_chunks(celery, session_factory, ids) if ids else 0
+    if sent:
+        log.warning("sweeper re-enqueued %d stranded chunk(s)", sent)
+    sweep_deliveries(celery, session_factory, settings)
+    sweep_pulls(celery, session_factory, settings)
     return sent
 
 

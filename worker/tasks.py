@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from shared.queue import CLASSIFY_TASK
-from shared.settings import get_settings
+from shared.dicomweb import PacsError, PacsUnavailableError
+from shared.models import PullStatus
+from shared.queue import CLASSIFY_TASK, DELIVER_TASK, PULL_TASK, enqueue_deliveries, enqueue_pull
+from shared.settings import Settings, get_settings
 from worker.celery_app import app
+from worker.delivery import INTERNAL_ERROR, deliver, fail, give_up
 from worker.processing import process_chunk, release
-from worker.resources import blobs, classifier, sessions
+from worker.pull import end_pull, pull
+from worker.resources import blobs, classifier, model_info, pacs, sessions
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 MAX_RETRIES = 8
+#: A delivery retried this many times (the PACS or the database unreachable) gives up: with
+#: factor 2 and full jitter, about 3 minutes of waiting at the default CXR_RETRY_BACKOFF_MAX
+#: of 60 s (raise that to ride out longer PACS outages).
+DELIVERY_MAX_RETRIES = 10
 
 
 # acks_late and reject_on_worker_lost come from the app's config (shared/queue.py)
@@ -36,7 +47,14 @@ MAX_RETRIES = 8
 def classify_chunk(self: Task, chunk_id: str) -> None:
     settings = get_settings()
     try:
-        outcome = process_chunk(chunk_id, sessions(), blobs(), classifier, settings)
+        outcome = process_chunk(
+            chunk_id,
+            sessions(),
+            blobs(),
+            classifier,
+            settings,
+            send_reports=functools.partial(enqueue_deliveries, app),
+        )
     except (*TRANSIENT, DBAPIError) as exc:
         if not is_transient(exc):
             log.error("chunk %s: %s is not transient: not retried", chunk_id, type(exc).__name__)
@@ -58,10 +76,104 @@ def classify_chunk(self: Task, chunk_id: str) -> None:
             max_retries=MAX_RETRIES,
         ) from exc
     log.info(
-        "chunk %s: %d completed, %d failed, %d skipped (out of scope), %d already done",
+        "chunk %s: %d completed, %d failed, %d skipped (out of scope), %d already done, "
+        "%d report(s) for the PACS",
         chunk_id,
         outcome.completed,
         outcome.failed,
         outcome.out_of_scope,
         outcome.already_done,
+        outcome.reports_pending,
     )
+
+
+#: The PACS unreachable, or too slow for the task's soft time limit: retried, then given up.
+PACS_TRANSIENT = (PacsUnavailableError, SoftTimeLimitExceeded)
+
+
+def _retry_pacs_work(
+    task: Task, what: str, exc: Exception, settings: Settings, spent: Callable[[], None]
+) -> None:
+    """Retry with Celery's backoff and full jitter; once the retries are spent, ``spent()``
+    records the outcome (or re-raises)."""
+    retries = task.request.retries
+    if retries >= DELIVERY_MAX_RETRIES:
+        spent()
+        return
+    log.warning("%s: transient %s, retry %d", what, type(exc).__name__, retries)
+    raise task.retry(
+        exc=exc,
+        countdown=get_exponential_backoff_interval(
+            factor=2, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
+        ),
+        max_retries=DELIVERY_MAX_RETRIES,
+    ) from exc
+
+
+def _retry_delivery(task: Task, image_id: str, exc: Exception, settings: Settings) -> None:
+    """Once the retries are spent, an unreachable PACS fails the delivery
+    (``pacs_unreachable``), an unreachable database leaves it pending for the sweeper (it
+    cannot be written anyway)."""
+
+    def spent() -> None:
+        if isinstance(exc, PACS_TRANSIENT):
+            give_up(image_id, sessions())
+            return
+        log.error("image %s: report still pending after %d retries", image_id, DELIVERY_MAX_RETRIES)
+        raise exc
+
+    _retry_pacs_work(task, f"image {image_id}: report", exc, settings, spent)
+
+
+# on the report queue (shared/queue.py routes it); acks_late as above, from the app's config
+@app.task(name=DELIVER_TASK, bind=True)
+def deliver_report(self: Task, image_id: str) -> None:
+    settings = get_settings()
+    try:
+        deliver(image_id, sessions(), pacs(), settings, model=model_info())
+    except PACS_TRANSIENT as exc:
+        _retry_delivery(self, image_id, exc, settings)
+    except Exception as exc:
+        if is_transient(exc):
+            _retry_delivery(self, image_id, exc, settings)
+            return
+        # A bug: end the delivery (or the sweeper would resend it for ever); the exception's
+        # message may quote the PACS's values, so only its type is logged, and it is not raised.
+        log.error("image %s: report: unexpected %s", image_id, type(exc).__name__)
+        try:
+            fail(image_id, sessions(), INTERNAL_ERROR)
+        except Exception as again:
+            log.error("image %s: cannot record the failure (%s)", image_id, type(again).__name__)
+
+
+def _retry_pull(task: Task, job_id: str, exc: Exception, settings: Settings) -> None:
+    """Once the retries are spent the pull fails (``pacs_unreachable``): the instances stored
+    so far stay in the job and are scored."""
+
+    def spent() -> None:
+        end_pull(sessions(), job_id, PullStatus.FAILED, "pacs_unreachable")
+
+    _retry_pacs_work(task, f"pull job {job_id}", exc, settings, spent)
+
+
+# on the PACS queue (shared/queue.py routes it)
+@app.task(name=PULL_TASK, bind=True)
+def pull_job(self: Task, job_id: str) -> None:
+    settings = get_settings()
+    try:
+        pull(job_id, sessions(), pacs(), blobs(), app, settings)
+    except SoftTimeLimitExceeded:
+        # what was stored is committed, batch by batch: a fresh task carries on from there
+        log.info("pull job %s: time limit reached; continuing in a new task", job_id)
+        enqueue_pull(app, job_id)
+    except PacsUnavailableError as exc:
+        _retry_pull(self, job_id, exc, settings)
+    except PacsError as exc:  # the PACS refused the query or an instance: asking again won't do
+        log.warning("pull job %s: the PACS refused (%s)", job_id, type(exc).__name__)
+        end_pull(sessions(), job_id, PullStatus.FAILED, "pacs_refused")
+    except Exception as exc:
+        if is_transient(exc):
+            _retry_pull(self, job_id, exc, settings)
+            return
+        log.error("pull job %s: unexpected %s", job_id, type(exc).__name__)
+        end_pull(sessions(), job_id, PullStatus.FAILED, "internal_error")
