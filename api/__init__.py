@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
+from api import metrics
 from api.errors import register_error_handlers
 from api.extensions import service
 from shared.settings import Settings, get_settings
@@ -18,6 +19,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     service.init_app(app, settings)
     register_error_handlers(app)
+    metrics.init_app(app)
 
     from api.dicomweb import bp as dicomweb_bp
     from api.health import bp as health_bp

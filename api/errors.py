@@ -20,6 +20,8 @@ from flask import Flask, Response, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from shared.storage import BlobStoreUnavailableError
+
 log = logging.getLogger(__name__)
 
 
@@ -98,6 +100,11 @@ class ErrorCode(StrEnum):
         503,
         "the database is unreachable; retry after Retry-After seconds",
     )
+    STORAGE_UNAVAILABLE = (
+        "storage_unavailable",
+        503,
+        "the blob store (directory or S3) is unreachable; retry after Retry-After seconds",
+    )
     INTERNAL_ERROR = "internal_error", 500, "an unexpected server error (logged)"
 
     @classmethod
@@ -164,6 +171,15 @@ def register_error_handlers(app: Flask) -> None:
         log.warning("database unavailable (%s)", type(exc.orig).__name__)
         response, status = error_response(
             ErrorCode.DATABASE_UNAVAILABLE, "the database is unavailable; retry shortly"
+        )
+        response.headers["Retry-After"] = "5"
+        return response, status
+
+    @app.errorhandler(BlobStoreUnavailableError)
+    def _storage_down(exc: BlobStoreUnavailableError) -> tuple[Response, int]:
+        log.warning("blob store unavailable (%s)", type(exc).__name__)
+        response, status = error_response(
+            ErrorCode.STORAGE_UNAVAILABLE, "the image store is unavailable; retry shortly"
         )
         response.headers["Retry-After"] = "5"
         return response, status

@@ -17,7 +17,7 @@ from shared.db import make_engine, make_session_factory
 from shared.model_store import ModelInfo, read_model_info
 from shared.queue import make_celery
 from shared.settings import Settings
-from shared.storage import BlobStore, LocalBlobStore
+from shared.storage import BlobStore, blob_store
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Service:
             engine=engine,
             sessions=make_session_factory(engine),
             celery=make_celery(settings, name="cxr-api"),
-            blobs=LocalBlobStore(settings.blob_path),
+            blobs=blob_store(settings),
             model=info,
             model_error=error,
         )

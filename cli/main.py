@@ -263,11 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from cli import client, keys, service
+    from cli import client, keys, service, status
 
     service.add_commands(sub)
     client.add_commands(sub)
     keys.add_commands(sub)
+    status.add_commands(sub)
     _add_model_commands(sub)
     return parser
 

@@ -192,6 +192,8 @@ class Image(Base):
         Index("ix_images_job_status", "job_id", "status"),
         Index("ix_images_job_study", "job_id", "study_instance_uid"),
         Index("ix_images_pacs_delivery", "pacs_delivery"),
+        # /metrics and `cxr status`: images by status, and those finished in the last minute
+        Index("ix_images_status_finished", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

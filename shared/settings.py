@@ -32,6 +32,12 @@ class Settings:
     database_url: str = ""  # default: SQLite file in data_dir
     redis_url: str = "redis://127.0.0.1:6379/0"
     blob_dir: Path | None = None  # default: data_dir / "blobs"
+    # s3://bucket/prefix: blobs in S3-compatible object storage instead of blob_dir
+    blob_url: str = ""
+    s3_endpoint_url: str = ""  # MinIO, Ceph, moto; empty: AWS
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = dataclasses.field(default="", repr=False)
     model_path: Path = DEFAULT_MODEL_PATH
     host: str = "127.0.0.1"
     port: int = 8000
@@ -65,6 +71,8 @@ class Settings:
     dicomweb_url: str = ""
     dicomweb_username: str = ""
     dicomweb_password: str = dataclasses.field(default="", repr=False)
+    # each worker serves Prometheus metrics on this port (0: off)
+    metrics_port: int = 0
     #: the fields whose CXR_* variable was set (``cxr serve`` embeds Redis only if it was not)
     explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False, compare=False)
 
@@ -112,6 +120,8 @@ class Settings:
     def _validate_ranges(self) -> None:
         if not (math.isfinite(self.sweep_interval) and self.sweep_interval > 0):
             raise SettingsError("CXR_SWEEP_INTERVAL must be a positive number of seconds")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError("CXR_METRICS_PORT must be 0 (off) or a port number")
         for name in ("port", "embedded_redis_port"):
             if getattr(self, name) > 65535:
                 raise SettingsError(f"CXR_{name.upper()} must be a port number (1-65535)")
@@ -134,6 +144,15 @@ class Settings:
             raise SettingsError("CXR_URL must be an http:// or https:// URL")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("CXR_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        self._validate_blob_url()
+
+    def _validate_blob_url(self) -> None:
+        if self.blob_url and not (
+            self.blob_url.startswith("s3://") and self.blob_url[5:].split("/", 1)[0]
+        ):
+            raise SettingsError("CXR_BLOB_URL must be an s3://bucket[/prefix] URL")
+        if self.s3_endpoint_url and not self.s3_endpoint_url.startswith(("http://", "https://")):
+            raise SettingsError("CXR_S3_ENDPOINT_URL must be an http:// or https:// URL")
 
 
 def _convert(name: str, raw: str, kind: type) -> object:
@@ -163,6 +182,11 @@ _TYPES: dict[str, type] = {
     "dicomweb_url": str,
     "dicomweb_username": str,
     "dicomweb_password": str,
+    "blob_url": str,
+    "s3_endpoint_url": str,
+    "s3_region": str,
+    "s3_access_key_id": str,
+    "s3_secret_access_key": str,
     "log_level": str,
     "sweep_interval": float,
     "auth_disabled": bool,

@@ -2,16 +2,24 @@
 
 Keys are the sha256 of the bytes, so a retried upload stores nothing twice and a worker can
 verify what it reads.  ``LocalBlobStore`` writes into a directory that API and workers share
-(a volume across hosts); an S3-compatible store can implement the same two methods.
+(a volume across hosts); ``S3BlobStore`` keeps them in S3-compatible object storage, for hosts
+that share no volume.  Invariant: ``get`` returns exactly the bytes whose sha256 is the key, or
+raises ``BlobNotFoundError``, ``BlobCorruptError`` or another ``OSError`` (an unreachable store is
+``BlobStoreUnavailableError``, which the worker retries as transient).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 
 class BlobNotFoundError(KeyError):
@@ -20,6 +28,10 @@ class BlobNotFoundError(KeyError):
 
 class BlobCorruptError(OSError):
     pass
+
+
+class BlobStoreUnavailableError(OSError):
+    """The object store could not be reached or answered with a server error (transient)."""
 
 
 class BlobStore(Protocol):
@@ -31,6 +43,12 @@ def blob_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _check_key(key: str) -> str:
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise BlobNotFoundError(key)
+    return key
+
+
 class LocalBlobStore:
     """``root/ab/cd/abcd...``; writes are atomic (temp file, fsync, rename)."""
 
@@ -39,8 +57,7 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
-            raise BlobNotFoundError(key)
+        _check_key(key)
         return self.root / key[:2] / key[2:4] / key
 
     def put(self, data: bytes) -> str:
@@ -70,3 +87,82 @@ class LocalBlobStore:
         if blob_key(data) != key:
             raise BlobCorruptError(f"blob {key} does not match its checksum")
         return data
+
+
+class S3BlobStore:
+    """``s3://bucket/prefix/ab/cd/abcd...`` in AWS S3 or a compatible store (MinIO, Ceph).
+
+    A put of an existing key just writes the same bytes again (S3 PUTs are atomic).  botocore's
+    own retries are few and its timeouts short, so an outage surfaces quickly as
+    ``BlobStoreUnavailableError`` and the worker's retry policy takes over.
+    """
+
+    def __init__(self, client, bucket: str, prefix: str = "") -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> S3BlobStore:
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = settings.blob_url.removeprefix("s3://").partition("/")
+        client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url or None,
+            region_name=settings.s3_region or None,
+            aws_access_key_id=settings.s3_access_key_id or None,
+            aws_secret_access_key=settings.s3_secret_access_key or None,
+            config=Config(
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+            ),
+        )
+        return cls(client, bucket, prefix)
+
+    def object_key(self, key: str) -> str:
+        _check_key(key)
+        name = f"{key[:2]}/{key[2:4]}/{key}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, data: bytes) -> str:
+        key = blob_key(data)
+        with _s3_errors(key):
+            self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data)
+        return key
+
+    def get(self, key: str) -> bytes:
+        name = self.object_key(key)
+        with _s3_errors(key):
+            data = self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+        if blob_key(data) != key:
+            raise BlobCorruptError(f"blob {key} does not match its checksum")
+        return data
+
+
+@contextlib.contextmanager
+def _s3_errors(key: str) -> Iterator[None]:
+    """Map botocore's exceptions onto the store's: missing key, unavailable, other OSError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if err.get("Code") in {"NoSuchKey", "404", "NotFound"}:
+            raise BlobNotFoundError(key) from exc
+        if status >= 500 or err.get("Code") in {"SlowDown", "RequestTimeout"}:
+            raise BlobStoreUnavailableError(f"blob {key}: S3 {err.get('Code')}") from exc
+        raise OSError(f"blob {key}: S3 {err.get('Code')}") from exc
+    except BotoCoreError as exc:  # connection refused/reset, timeouts, truncated bodies
+        raise BlobStoreUnavailableError(f"blob {key}: {type(exc).__name__}") from exc
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    """The configured store: S3 when ``CXR_BLOB_URL`` is set, else the local directory."""
+    if settings.blob_url:
+        return S3BlobStore.from_settings(settings)
+    return LocalBlobStore(settings.blob_path)

@@ -82,6 +82,7 @@ def test_settings_defaults_and_environment(tmp_path: Path) -> None:
         {"CXR_REDIS_URL": "http://localhost"},
         {"CXR_LOG_LEVEL": "LOUD"},
         {"CXR_URL": "localhost:8000"},
+        {"CXR_METRICS_PORT": "70000"},
         {"CXR_SWEEP_INTERVAL": "0"},
         {"CXR_SWEEP_INTERVAL": "nan"},
         {"CXR_SWEEP_INTERVAL": "inf"},
@@ -133,3 +134,29 @@ def test_the_readme_documents_every_setting() -> None:
     names = [f"CXR_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name != "explicit"]
     missing = [name for name in names if f"`{name}`" not in readme]
     assert not missing, f"settings missing from the README's table: {missing}"
+
+
+def test_keda_scales_workers_on_the_chunk_queue() -> None:
+    import re
+
+    from shared.queue import QUEUE
+
+    path = REPO / "deploy" / "keda-scaledobject.yaml"
+    doc = yaml.safe_load(path.read_text())
+    assert doc["kind"] == "ScaledObject"
+    assert doc["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    (trigger,) = doc["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == QUEUE
+    assert int(trigger["metadata"]["listLength"]) >= 1
+    grace = re.search(r"terminationGracePeriodSeconds:\s*(\d+)", path.read_text())
+    assert grace, "the ScaledObject must document the worker's termination grace period"
+    assert int(grace.group(1)) >= Settings().task_time_limit
+
+
+def test_compose_has_flower_on_the_broker() -> None:
+    services = compose()["services"]
+    flower = services["flower"]
+    assert flower["image"].startswith("mher/flower")
+    assert flower["environment"]["CELERY_BROKER_URL"] == "redis://redis:6379/0"
+    assert "CXR_METRICS_PORT" in services["worker"]["environment"]

@@ -22,7 +22,7 @@ from shared.db import sessions_for
 from shared.dicomweb import pacs_client
 from shared.model_store import Classifier, ModelFileError, ModelInfo, read_model_info
 from shared.settings import get_settings
-from shared.storage import LocalBlobStore
+from shared.storage import BlobStore, blob_store
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def sessions() -> sessionmaker[Session]:
 
 
 @per_process
-def blobs() -> LocalBlobStore:
-    return LocalBlobStore(get_settings().blob_path)
+def blobs() -> BlobStore:
+    return blob_store(get_settings())
 
 
 @per_process

@@ -136,17 +136,13 @@ def sweep_pulls(celery: Celery, session_factory: sessionmaker[Session], settings
     )
 
 
-def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> list[str]:
-    """Ids of chunks to send again; running chunks past their lease are reset to queued."""
-    now = utcnow()
+def stranded_conditions(
+    settings: Settings, broker_idle: bool, now: dt.datetime
+) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """(running chunks past their lease, queued chunks to send again): what the sweeper picks."""
     grace = now - dt.timedelta(seconds=settings.enqueue_grace_seconds)
     lost = now - dt.timedelta(seconds=settings.visibility_timeout)
-    expired = session.scalars(
-        update(Chunk)
-        .where(Chunk.status == ChunkStatus.RUNNING, Chunk.lease_expires_at < now)
-        .values(status=ChunkStatus.QUEUED, enqueued_at=None, lease_expires_at=None)
-        .returning(Chunk.id)
-    ).all()
+    expired = (Chunk.status == ChunkStatus.RUNNING) & (Chunk.lease_expires_at < now)
     queued = Chunk.status == ChunkStatus.QUEUED
     conditions = [
         queued & Chunk.enqueued_at.is_(None) & (Chunk.created_at < grace),
@@ -154,8 +150,27 @@ def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> li
     ]
     if broker_idle:
         conditions.append(queued & (Chunk.enqueued_at < grace))
+    return expired, or_(*conditions)
+
+
+def count_stranded(session: Session, settings: Settings, broker_idle: bool) -> tuple[int, int]:
+    """Read-only: (running chunks past their lease, queued chunks the next sweep sends again)."""
+    expired, resend = stranded_conditions(settings, broker_idle, utcnow())
+    count = select(func.count()).select_from(Chunk)
+    return session.scalar(count.where(expired)) or 0, session.scalar(count.where(resend)) or 0
+
+
+def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> list[str]:
+    """Ids of chunks to send again; running chunks past their lease are reset to queued."""
+    expired_now, resend = stranded_conditions(settings, broker_idle, utcnow())
+    expired = session.scalars(
+        update(Chunk)
+        .where(expired_now)
+        .values(status=ChunkStatus.QUEUED, enqueued_at=None, lease_expires_at=None)
+        .returning(Chunk.id)
+    ).all()
     rows = session.scalars(
-        select(Chunk.id).where(or_(*conditions)).order_by(Chunk.created_at).limit(SWEEP_LIMIT)
+        select(Chunk.id).where(resend).order_by(Chunk.created_at).limit(SWEEP_LIMIT)
     ).all()
     return list(dict.fromkeys([*expired, *rows]))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 from celery import Task
@@ -17,6 +18,7 @@ from shared.queue import CLASSIFY_TASK, DELIVER_TASK, PULL_TASK, enqueue_deliver
 from shared.settings import Settings, get_settings
 from worker.celery_app import app
 from worker.delivery import INTERNAL_ERROR, deliver, fail, give_up
+from worker.metrics import record_chunk
 from worker.processing import process_chunk, release
 from worker.pull import end_pull, pull
 from worker.resources import blobs, classifier, model_info, pacs, sessions
@@ -46,6 +48,7 @@ DELIVERY_MAX_RETRIES = 10
 @app.task(name=CLASSIFY_TASK, bind=True)
 def classify_chunk(self: Task, chunk_id: str) -> None:
     settings = get_settings()
+    started = time.time()
     try:
         outcome = process_chunk(
             chunk_id,
@@ -75,6 +78,7 @@ def classify_chunk(self: Task, chunk_id: str) -> None:
             ),
             max_retries=MAX_RETRIES,
         ) from exc
+    record_chunk(sessions(), chunk_id, outcome, started)
     log.info(
         "chunk %s: %d completed, %d failed, %d skipped (out of scope), %d already done, "
         "%d report(s) for the PACS",
