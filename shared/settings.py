@@ -64,6 +64,7 @@ class Settings:
     worker_concurrency: int = 1
     api_workers: int = 2
     inference_threads: int = 0  # 0: TensorFlow's default
+    decode_threads: int = 0  # films of a chunk decoded at once; 0: one per core, at most 4
     log_level: str = "INFO"
     # Every /v1 request needs an API key unless this is set (one-machine, single-user mode only)
     auth_disabled: bool = False
@@ -120,6 +121,8 @@ class Settings:
     def _validate_ranges(self) -> None:
         if not (math.isfinite(self.sweep_interval) and self.sweep_interval > 0):
             raise SettingsError("CXR_SWEEP_INTERVAL must be a positive number of seconds")
+        if not 0 <= self.decode_threads <= 64:
+            raise SettingsError("CXR_DECODE_THREADS must be 0 (one per core) to 64")
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError("CXR_METRICS_PORT must be 0 (off) or a port number")
         for name in ("port", "embedded_redis_port"):

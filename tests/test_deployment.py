@@ -83,6 +83,7 @@ def test_settings_defaults_and_environment(tmp_path: Path) -> None:
         {"CXR_LOG_LEVEL": "LOUD"},
         {"CXR_URL": "localhost:8000"},
         {"CXR_METRICS_PORT": "70000"},
+        {"CXR_DECODE_THREADS": "-1"},
         {"CXR_SWEEP_INTERVAL": "0"},
         {"CXR_SWEEP_INTERVAL": "nan"},
         {"CXR_SWEEP_INTERVAL": "inf"},

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,6 +234,22 @@ def _decode(
         return exc
 
 
+def decode_threads(settings: Settings) -> int:
+    """Films decoded at once: reading the blob, OpenCV and the lung segmenter release the GIL,
+    so a chunk's films overlap on the worker's cores (measured: bench/bench_e2e.py)."""
+    return settings.decode_threads or max(1, min(4, os.cpu_count() or 1))
+
+
+def _decode_all(
+    blobs: BlobStore, keys: Sequence[str], classifier: Classifier, settings: Settings
+) -> list[np.ndarray | ImageError]:
+    threads = decode_threads(settings)
+    if len(keys) < 2 or threads == 1:
+        return [_decode(blobs, key, classifier, settings) for key in keys]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        return list(pool.map(lambda key: _decode(blobs, key, classifier, settings), keys))
+
+
 def _store(
     session: Session,
     classifier: Classifier,
@@ -287,8 +305,9 @@ def _classify(
     arrays: list[np.ndarray] = []
     ok_ids: list[str] = []
     refused: list[tuple[str, ImageError]] = []
-    for image_id, key in rows:
-        decoded = _decode(blobs, key, classifier, settings)
+    for (image_id, _key), decoded in zip(
+        rows, _decode_all(blobs, [key for _, key in rows], classifier, settings), strict=True
+    ):
         if isinstance(decoded, ImageError):
             refused.append((image_id, decoded))
         else:
