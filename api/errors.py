@@ -148,6 +148,17 @@ def error_response(code: ErrorCode, message: str) -> tuple[Response, int]:
     return jsonify({"error": {"code": code.value, "message": message}}), code.status
 
 
+#: Seconds a client is asked to wait when a dependency (database, blob store) is away.
+RETRY_AFTER_SECONDS = 5
+
+
+def retry_later(code: ErrorCode, what: str) -> tuple[Response, int]:
+    """A 503 for a dependency that is away for now, with ``Retry-After``."""
+    response, status = error_response(code, f"{what}; retry shortly")
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response, status
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(APIError)
     def _api_error(exc: APIError) -> tuple[Response, int]:
@@ -169,20 +180,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(OperationalError)
     def _database_down(exc: OperationalError) -> tuple[Response, int]:
         log.warning("database unavailable (%s)", type(exc.orig).__name__)
-        response, status = error_response(
-            ErrorCode.DATABASE_UNAVAILABLE, "the database is unavailable; retry shortly"
-        )
-        response.headers["Retry-After"] = "5"
-        return response, status
+        return retry_later(ErrorCode.DATABASE_UNAVAILABLE, "the database is unavailable")
 
     @app.errorhandler(BlobStoreUnavailableError)
     def _storage_down(exc: BlobStoreUnavailableError) -> tuple[Response, int]:
         log.warning("blob store unavailable (%s)", type(exc).__name__)
-        response, status = error_response(
-            ErrorCode.STORAGE_UNAVAILABLE, "the image store is unavailable; retry shortly"
-        )
-        response.headers["Retry-After"] = "5"
-        return response, status
+        return retry_later(ErrorCode.STORAGE_UNAVAILABLE, "the image store is unavailable")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
