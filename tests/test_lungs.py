@@ -157,6 +157,33 @@ def test_a_lung_crop_model_needs_its_segmenter() -> None:
         preprocess(encode(xray_like(1)), PreprocessConfig(lung_crop=True))
 
 
+def test_preprocess_many_gives_what_preprocess_gives_film_by_film(segmenter):
+    """The batched path (one segmenter call for a chunk, as the workers run it) keeps each
+    film's outcome in its place: the same inputs to within float rounding, the same refusals."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.imaging import ImageError, preprocess_many
+
+    config = PreprocessConfig(lung_crop=True)
+    files = [
+        encode(xray_like(7)),
+        png_bytes(generate("document", 4)),  # out of scope
+        b"not an image",
+        encode(xray_like(8, 480, 400)),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        many = preprocess_many(files, config, segmenter=segmenter, mapper=pool.map)
+    assert [type(x).__name__ for x in many[1:3]] == ["OutOfScopeError", "NotAnImageError"]
+    for data, batched in zip(files, many, strict=True):
+        if isinstance(batched, ImageError):
+            with pytest.raises(type(batched)):
+                preprocess(data, config, segmenter=segmenter)
+        else:
+            np.testing.assert_allclose(
+                batched, preprocess(data, config, segmenter=segmenter), atol=1e-5
+            )
+
+
 @pytest.mark.realdata
 def test_scope_targets_on_real_films(segmenter, real_data_dir) -> None:
     """Real lateral and CT films the segmenter never trained on are scored <= 10% of the time;

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import redis as redis_lib
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from shared.db import as_utc, utcnow
 from shared.imaging import OutOfScopeError
@@ -232,7 +232,7 @@ def test_a_stale_execution_cannot_change_a_finished_image(stack, classifier) -> 
     with sessions() as session:
         before = {r.image_id: r.probability for r in session.scalars(select(Result))}
     with sessions.begin() as session:
-        assert not _complete(session, classifier, ids[1], 0.9)
+        assert _complete(session, classifier, [(ids[1], 0.9)]) == ([], [])
         assert not _end_unscored(
             session, [ids[0]], ImageStatus.SKIPPED, OutOfScopeError.code, "stale"
         )
@@ -398,3 +398,25 @@ def test_sweeper_resends_chunks_queued_longer_than_the_visibility_timeout(
     assert sweep(make_celery(settings), sessions, settings) == 1
     with sessions() as session:
         assert as_utc(session.get(Chunk, lost).enqueued_at) > long_ago
+
+
+def test_a_chunk_costs_the_same_database_statements_whatever_its_size(stack, settings) -> None:
+    """Bulk writes: a chunk of 8 films takes no more statements than a chunk of 2."""
+    sessions, blobs, run = stack
+    engine = sessions.kw["bind"]
+    counts = []
+    for n in (2, 8):
+        _, (chunk_id,), ids = make_job(sessions, blobs, [png_bytes(k) for k in range(n)])
+        statements: list[str] = []
+
+        def count(conn, cursor, statement, *args, seen=statements):
+            seen.append(statement)
+
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            assert run(chunk_id).completed == n
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert result_count(sessions, ids) == n
+        counts.append(len(statements))
+    assert counts[1] == counts[0], counts

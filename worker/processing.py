@@ -36,7 +36,7 @@ from sqlalchemy import case, exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import insert_for, utcnow
-from shared.imaging import ImageError, OutOfScopeError, preprocess
+from shared.imaging import ImageError, OutOfScopeError, preprocess_many
 from shared.model_store import Classifier
 from shared.models import (
     TERMINAL_IMAGE,
@@ -111,36 +111,48 @@ def _fail(
 def _complete(
     session: Session,
     classifier: Classifier,
-    image_id: str,
-    probability: float,
+    scored: Sequence[tuple[str, float]],
     pacs: bool = False,
-) -> bool:
-    """Non-terminal -> completed, with its result row, atomically; False if it was terminal.
-    With ``pacs``, a DICOM image's report becomes pending in the same UPDATE."""
-    now = utcnow()
+) -> tuple[list[str], list[str]]:
+    """Non-terminal -> completed, with their result rows, in two statements whatever the
+    batch's size; returns (ids completed here, ids whose report to the PACS became owed).  An
+    image already terminal is left as it is and gets no result row from here.  With ``pacs``, a
+    DICOM image's report becomes pending in the same UPDATE."""
+    if not scored:
+        return [], []
     extra = {"pacs_delivery": OWES_REPORT} if pacs else {}
     changed = session.execute(
         update(Image)
-        .where(Image.id == image_id, NOT_TERMINAL)
+        .where(Image.id.in_([image_id for image_id, _ in scored]), NOT_TERMINAL)
         .values(
             status=ImageStatus.COMPLETED,
             error_code=None,
             error_message=None,
-            finished_at=now,
+            finished_at=utcnow(),
             **extra,
         )
-    ).rowcount
-    if not changed:
-        return False
+        .returning(Image.id, Image.pacs_delivery)
+        .execution_options(synchronize_session=False)
+    ).all()
+    done = {row.id for row in changed}
+    if not done:
+        return [], []
     info = classifier.info
-    values = {
-        "probability": probability,
-        "label": info.label(probability),
-        "model_version": info.version,
-    }
-    stmt = insert_for(session, Result.__table__).values(image_id=image_id, **values)
-    session.execute(stmt.on_conflict_do_update(index_elements=["image_id"], set_=values))
-    return True
+    rows = [
+        {"image_id": i, "probability": p, "label": info.label(p), "model_version": info.version}
+        for i, p in scored
+        if i in done
+    ]
+    stmt = insert_for(session, Result.__table__)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["image_id"],
+            set_={k: stmt.excluded[k] for k in ("probability", "label", "model_version")},
+        ),
+        rows,
+    )
+    owed = [row.id for row in changed if row.pacs_delivery == PacsDelivery.PENDING]
+    return [r["image_id"] for r in rows], owed
 
 
 def _claim(session: Session, chunk_id: str, settings: Settings) -> int | None:
@@ -214,24 +226,13 @@ def _mark_running(session: Session, image_ids: Sequence[str]) -> int:
     ).rowcount
 
 
-def _decode(
-    blobs: BlobStore, blob_key: str, classifier: Classifier, settings: Settings
-) -> np.ndarray | ImageError:
+def _read(blobs: BlobStore, blob_key: str) -> bytes | ImageError:
     try:
-        data = blobs.get(blob_key)
+        return blobs.get(blob_key)
     except BlobNotFoundError:
         return ImageError("the stored image is missing")  # code: invalid_image
     except BlobCorruptError:
         return ImageError("the stored image does not match its checksum")
-    try:
-        return preprocess(
-            data,
-            classifier.info.preprocess,
-            settings.max_image_pixels,
-            segmenter=classifier.segmenter,
-        )
-    except ImageError as exc:
-        return exc
 
 
 def decode_threads(settings: Settings) -> int:
@@ -243,11 +244,23 @@ def decode_threads(settings: Settings) -> int:
 def _decode_all(
     blobs: BlobStore, keys: Sequence[str], classifier: Classifier, settings: Settings
 ) -> list[np.ndarray | ImageError]:
-    threads = decode_threads(settings)
-    if len(keys) < 2 or threads == 1:
-        return [_decode(blobs, key, classifier, settings) for key in keys]
+    """Each film's model input or the reason it has none, in order: read and decoded on a
+    thread pool, the lung segmenter run once for the whole chunk."""
+    threads = decode_threads(settings) if len(keys) > 1 else 1
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        return list(pool.map(lambda key: _decode(blobs, key, classifier, settings), keys))
+        mapper = pool.map if threads > 1 else map
+        datas = list(mapper(lambda key: _read(blobs, key), keys))
+        readable = [d for d in datas if not isinstance(d, ImageError)]
+        inputs = iter(
+            preprocess_many(
+                readable,
+                classifier.info.preprocess,
+                settings.max_image_pixels,
+                segmenter=classifier.segmenter,
+                mapper=mapper,
+            )
+        )
+    return [d if isinstance(d, ImageError) else next(inputs) for d in datas]
 
 
 def _store(
@@ -268,20 +281,11 @@ def _store(
             outcome.out_of_scope += 1
         else:
             outcome.failed += 1
-    completed: list[str] = []
-    for image_id, prob in scored:
-        if _complete(session, classifier, image_id, prob, pacs):
-            outcome.completed += 1
-            completed.append(image_id)
-        else:
-            outcome.already_done += 1
-    if not (pacs and completed):
-        return []
-    owed = session.scalars(  # completed by this transaction: pending means pending because of it
-        select(Image.id).where(Image.id.in_(completed), Image.pacs_delivery == PacsDelivery.PENDING)
-    ).all()
+    completed, owed = _complete(session, classifier, scored, pacs)
+    outcome.completed += len(completed)
+    outcome.already_done += len(scored) - len(completed)
     outcome.reports_pending += len(owed)
-    return list(owed)
+    return owed
 
 
 def _classify(
