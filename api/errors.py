@@ -20,7 +20,8 @@ from flask import Flask, Response, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from shared.storage import BlobStoreUnavailableError
+from api.ui_sessions import SessionStoreUnavailableError
+from shared.storage import BlobStoreFullError, BlobStoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,25 @@ class ErrorCode(StrEnum):
         return member
 
     # authentication (every /v1 request)
-    MISSING_API_KEY = "missing_api_key", 401, "no Authorization header was sent"
+    MISSING_API_KEY = (
+        "missing_api_key",
+        401,
+        "no Authorization header was sent (nor a web UI session cookie)",
+    )
     INVALID_API_KEY = (
         "invalid_api_key",
         401,
         "the Authorization header is not 'Bearer KEY', or the key is unknown or revoked",
+    )
+    SESSION_EXPIRED = (
+        "session_expired",
+        401,
+        "the web UI session cookie is unknown or expired, or its key was revoked: sign in again",
+    )
+    CSRF_FAILED = (
+        "csrf_failed",
+        403,
+        "a POST or DELETE with the web UI session cookie lacks the session's X-CSRF-Token",
     )
     # submission: the whole request is refused
     UNSUPPORTED_MEDIA_TYPE = (
@@ -89,9 +104,32 @@ class ErrorCode(StrEnum):
         501,
         "a pull from the PACS was asked of a server without CXR_DICOMWEB_URL",
     )
+    INVALID_CALLBACK_URL = (
+        "invalid_callback_url",
+        400,
+        "callback_url is not an http:// or https:// URL with a valid host, carries credentials, "
+        "or is over 2000 characters",
+    )
+    CALLBACK_HOST_NOT_ALLOWED = (
+        "callback_host_not_allowed",
+        400,
+        "callback_url points at a private, loopback, link-local or reserved address that "
+        "CXR_CALLBACK_ALLOWED_HOSTS does not allow",
+    )
     # reads
     JOB_NOT_FOUND = "job_not_found", 404, "no job with this id for this client"
     IMAGE_NOT_FOUND = "image_not_found", 404, "no image with this id for this client"
+    IMAGE_UNREADABLE = (
+        "image_unreadable",
+        409,
+        "the stored file cannot be shown as a picture (the image failed; see its error)",
+    )
+    IMAGE_NOT_SCORED = (
+        "image_not_scored",
+        409,
+        "the image has no score from the model now served (failed, skipped, not yet scored or "
+        "scored by an earlier model): it has no heat map",
+    )
     # any request
     NOT_FOUND = "not_found", 404, "no such path"
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, "the path does not take this method"
@@ -100,10 +138,32 @@ class ErrorCode(StrEnum):
         503,
         "the database is unreachable; retry after Retry-After seconds",
     )
+    DATABASE_FULL = (
+        "database_full",
+        503,
+        "the database has no room left (its disk is full): nothing of the request was kept; "
+        "retry after Retry-After seconds",
+    )
     STORAGE_UNAVAILABLE = (
         "storage_unavailable",
         503,
         "the blob store (directory or S3) is unreachable; retry after Retry-After seconds",
+    )
+    STORAGE_FULL = (
+        "storage_full",
+        507,
+        "the blob store has no room left (a full disk or quota): nothing of the request was "
+        "kept; retry after Retry-After seconds",
+    )
+    QUEUE_UNAVAILABLE = (
+        "queue_unavailable",
+        503,
+        "Redis, the task queue, is unreachable; retry after Retry-After seconds",
+    )
+    SESSION_STORE_UNAVAILABLE = (
+        "session_store_unavailable",
+        503,
+        "Redis, which holds the web UI sessions, is unreachable; retry after Retry-After seconds",
     )
     INTERNAL_ERROR = "internal_error", 500, "an unexpected server error (logged)"
 
@@ -150,13 +210,34 @@ def error_response(code: ErrorCode, message: str) -> tuple[Response, int]:
 
 #: Seconds a client is asked to wait when a dependency (database, blob store) is away.
 RETRY_AFTER_SECONDS = 5
+#: ... and when the database or the blob store is full: room is made by an operator, not in
+#: seconds, and a client retrying a large upload every 5 s would only add load.
+FULL_RETRY_AFTER_SECONDS = 60
 
 
-def retry_later(code: ErrorCode, what: str) -> tuple[Response, int]:
-    """A 503 for a dependency that is away for now, with ``Retry-After``."""
-    response, status = error_response(code, f"{what}; retry shortly")
-    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+def retry_later(
+    code: ErrorCode, what: str, seconds: int = RETRY_AFTER_SECONDS
+) -> tuple[Response, int]:
+    """A 503 (or 507) for a dependency that is away or full for now, with ``Retry-After``."""
+    when = "shortly" if seconds <= RETRY_AFTER_SECONDS else f"in {seconds} s or later"
+    response, status = error_response(code, f"{what}; retry {when}")
+    response.headers["Retry-After"] = str(seconds)
     return response, status
+
+
+#: SQLite's SQLITE_FULL ("database or disk is full"; the low byte of an extended code) and
+#: PostgreSQL's disk_full SQLSTATE.
+_SQLITE_FULL = 13
+_PG_DISK_FULL = "53100"
+
+
+def database_full(exc: OperationalError) -> bool:
+    """Whether a database error says "no room left" rather than "unreachable"."""
+    orig = exc.orig
+    sqlite_code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(sqlite_code, int) and sqlite_code & 0xFF == _SQLITE_FULL:
+        return True
+    return getattr(orig, "sqlstate", None) == _PG_DISK_FULL
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -179,6 +260,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(OperationalError)
     def _database_down(exc: OperationalError) -> tuple[Response, int]:
+        if database_full(exc):  # the transaction was rolled back: nothing of it was kept
+            log.error("database full (%s)", type(exc.orig).__name__)
+            return retry_later(
+                ErrorCode.DATABASE_FULL, "the database is full", FULL_RETRY_AFTER_SECONDS
+            )
         log.warning("database unavailable (%s)", type(exc.orig).__name__)
         return retry_later(ErrorCode.DATABASE_UNAVAILABLE, "the database is unavailable")
 
@@ -186,6 +272,19 @@ def register_error_handlers(app: Flask) -> None:
     def _storage_down(exc: BlobStoreUnavailableError) -> tuple[Response, int]:
         log.warning("blob store unavailable (%s)", type(exc).__name__)
         return retry_later(ErrorCode.STORAGE_UNAVAILABLE, "the image store is unavailable")
+
+    @app.errorhandler(BlobStoreFullError)
+    def _storage_full(exc: BlobStoreFullError) -> tuple[Response, int]:
+        # raised before the job's commit: no row names the blobs stored so far
+        log.error("blob store full (%s)", type(exc).__name__)
+        return retry_later(
+            ErrorCode.STORAGE_FULL, "the image store is full", FULL_RETRY_AFTER_SECONDS
+        )
+
+    @app.errorhandler(SessionStoreUnavailableError)
+    def _sessions_down(exc: SessionStoreUnavailableError) -> tuple[Response, int]:
+        log.warning("session store unavailable (%s)", exc)  # the redis error's type
+        return retry_later(ErrorCode.SESSION_STORE_UNAVAILABLE, "the session store is unavailable")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:

@@ -28,8 +28,16 @@ from api.queries import (
     parse_id,
 )
 from api.uploads import iter_uploads
+from shared import logs
+from shared.callbacks import (
+    HOST_NOT_ALLOWED,
+    CallbackUrlError,
+    allow_list,
+    callback_if_ended,
+    check_url,
+)
 from shared.ingest import ingest
-from shared.models import Image, ImageStatus, Job, PullStatus, new_id
+from shared.models import CallbackStatus, Image, ImageStatus, Job, PullStatus, new_id
 from shared.planning import JobPlan, add_plan, plan_job
 from shared.queue import enqueue_chunks, enqueue_pull
 
@@ -101,6 +109,28 @@ def _client_ref() -> str | None:
     return client_ref
 
 
+def _callback_url() -> str | None:
+    """The optional ``callback_url`` (a form field, or a field of a JSON pull request), checked
+    against the operator's policy before any file is stored."""
+    if request.is_json:
+        body = request.get_json(silent=True)
+        url = body.get("callback_url") if isinstance(body, dict) else None
+    else:
+        url = request.form.get("callback_url")
+    if url is None:
+        return None
+    try:
+        check_url(url, allow_list(service.state.settings.callback_allowed_hosts))
+    except CallbackUrlError as exc:
+        code = (
+            ErrorCode.CALLBACK_HOST_NOT_ALLOWED
+            if exc.code == HOST_NOT_ALLOWED
+            else ErrorCode.INVALID_CALLBACK_URL
+        )
+        raise APIError(code, exc.message) from None
+    return url
+
+
 def _store_uploads(job_id: str) -> list[Image]:
     """One row per submitted file, each stored durably before the next is read (and let go)."""
     state = service.state
@@ -153,13 +183,17 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         existing = _existing_job_id(principal.client, idempotency_key)
         if existing is not None:
             return _replay(existing)
+    client_ref, callback_url = _client_ref(), _callback_url()
     job = Job(
         id=new_id(),
         client=principal.client,
         idempotency_key=idempotency_key,
-        client_ref=_client_ref(),
+        client_ref=client_ref,
         model_version=state.model.version,
+        callback_url=callback_url,
+        callback_status=CallbackStatus.PENDING if callback_url else None,
     )
+    logs.bind(job_id=job.id)
     images = _pull_from_pacs(job) if request.is_json else _store_uploads(job.id)
     plan = plan_job(job, images, state.settings.chunk_size)
     winner = _commit(plan)
@@ -169,6 +203,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     enqueue_chunks(state.celery, state.sessions, plan.chunk_ids)
     if job.pull_status is not None:
         enqueue_pull(state.celery, job.id)
+    if job.callback_url:  # every image refused at the door: the job has ended already
+        callback_if_ended(state.celery, state.sessions, job_id=job.id)
     log.info("job %s accepted: %d images, %d chunks", job.id, len(images), len(plan.chunks))
     with state.sessions() as session:
         body = job_summary(session, job)
@@ -190,7 +226,8 @@ def _load_job(session: Session, job_id: str) -> Job:
 def get_job(job_id: str) -> Response:
     state = service.state
     page = int_arg("page", 1, 1, 10**9)
-    per_page = int_arg("per_page", DEFAULT_PER_PAGE, 1, state.settings.max_per_page)
+    # per_page=0: the summary alone, no image query: what a client waiting for its job needs
+    per_page = int_arg("per_page", DEFAULT_PER_PAGE, 0, state.settings.max_per_page)
     status = request.args.get("status") or None
     if status is not None and status not in {s.value for s in ImageStatus}:
         raise APIError(
@@ -200,13 +237,16 @@ def get_job(job_id: str) -> Response:
     with state.sessions() as session:
         job = _load_job(session, job_id)
         body = job_summary(session, job)
-        items, total = image_page(session, job.id, page, per_page, status)
+        if per_page:
+            items, total = image_page(session, job.id, page, per_page, status)
+        else:
+            items, total = [], body["counts"][status] if status else body["image_count"]
     body["images"] = items
     body["pagination"] = {
         "page": page,
         "per_page": per_page,
         "total": total,
-        "pages": math.ceil(total / per_page) if total else 0,
+        "pages": math.ceil(total / per_page) if total and per_page else 0,
     }
     return jsonify(body)
 

@@ -9,8 +9,9 @@ from flask import Blueprint, Response, jsonify
 from api.errors import ErrorCode
 from api.extensions import service
 from api.pull import QUERY_KEYS
+from api.ui_sessions import COOKIE, CSRF_HEADER
 from shared.imaging import OUT_OF_SCOPE_CODES
-from shared.models import ImageStatus, JobStatus, PacsDelivery
+from shared.models import CallbackStatus, ImageStatus, JobStatus, PacsDelivery
 
 bp = Blueprint("openapi", __name__)
 
@@ -30,9 +31,15 @@ IMAGE_STATUS_DESCRIPTION = (
 
 # The error codes each operation may answer with, all from the catalogue (api/errors.py); the
 # response statuses are the catalogue's, never typed here.
-AUTH_ERRORS = (ErrorCode.MISSING_API_KEY, ErrorCode.INVALID_API_KEY)
+AUTH_ERRORS = (
+    ErrorCode.MISSING_API_KEY,
+    ErrorCode.INVALID_API_KEY,
+    ErrorCode.SESSION_EXPIRED,
+    ErrorCode.SESSION_STORE_UNAVAILABLE,
+)
 CREATE_JOB_ERRORS = (
     *AUTH_ERRORS,
+    ErrorCode.CSRF_FAILED,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     ErrorCode.BAD_REQUEST,
     ErrorCode.NO_FILES,
@@ -47,11 +54,19 @@ CREATE_JOB_ERRORS = (
     ErrorCode.REQUEST_TOO_LARGE,
     ErrorCode.MODEL_UNAVAILABLE,
     ErrorCode.PACS_NOT_CONFIGURED,
+    ErrorCode.INVALID_CALLBACK_URL,
+    ErrorCode.CALLBACK_HOST_NOT_ALLOWED,
     ErrorCode.DATABASE_UNAVAILABLE,
+    ErrorCode.DATABASE_FULL,
     ErrorCode.STORAGE_UNAVAILABLE,
+    ErrorCode.STORAGE_FULL,
 )
+# a client's first GET makes its secret: a write
+CALLBACK_SECRET_ERRORS = (*AUTH_ERRORS, ErrorCode.DATABASE_UNAVAILABLE, ErrorCode.DATABASE_FULL)
+ROTATE_SECRET_ERRORS = (*CALLBACK_SECRET_ERRORS, ErrorCode.CSRF_FAILED)
 STOW_ERRORS = (
     *AUTH_ERRORS,
+    ErrorCode.CSRF_FAILED,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     ErrorCode.BAD_REQUEST,
     ErrorCode.NO_FILES,
@@ -60,7 +75,9 @@ STOW_ERRORS = (
     ErrorCode.REQUEST_TOO_LARGE,
     ErrorCode.MODEL_UNAVAILABLE,
     ErrorCode.DATABASE_UNAVAILABLE,
+    ErrorCode.DATABASE_FULL,
     ErrorCode.STORAGE_UNAVAILABLE,
+    ErrorCode.STORAGE_FULL,
 )
 GET_JOB_ERRORS = (
     *AUTH_ERRORS,
@@ -70,6 +87,27 @@ GET_JOB_ERRORS = (
 )
 JOB_CSV_ERRORS = (*AUTH_ERRORS, ErrorCode.JOB_NOT_FOUND, ErrorCode.DATABASE_UNAVAILABLE)
 GET_IMAGE_ERRORS = (*AUTH_ERRORS, ErrorCode.IMAGE_NOT_FOUND, ErrorCode.DATABASE_UNAVAILABLE)
+GET_FILM_ERRORS = (*GET_IMAGE_ERRORS, ErrorCode.IMAGE_UNREADABLE, ErrorCode.STORAGE_UNAVAILABLE)
+GET_HEATMAP_ERRORS = (
+    *GET_IMAGE_ERRORS,
+    ErrorCode.IMAGE_NOT_SCORED,
+    ErrorCode.MODEL_UNAVAILABLE,
+    ErrorCode.STORAGE_UNAVAILABLE,
+    ErrorCode.QUEUE_UNAVAILABLE,
+)
+HEATMAP_PENDING = {
+    "type": "object",
+    "required": ["image_id", "status", "retry_after"],
+    "properties": {
+        "image_id": UUID_PARAM,
+        "status": {"type": "string", "enum": ["pending"]},
+        "retry_after": {"type": "integer", "description": "seconds; as the Retry-After header"},
+    },
+}
+
+#: Blueprints whose routes this description leaves out on purpose: the web UI's HTML pages,
+#: sign-in and static files (api/ui.py) are not part of the JSON API.
+UNDESCRIBED_BLUEPRINTS = frozenset({"ui"})
 
 
 def _code_line(code: ErrorCode, with_status: bool = False) -> str:
@@ -105,6 +143,54 @@ def _json(ref: str, description: str) -> dict[str, Any]:
     }
 
 
+CALLBACK_URL = {
+    "type": "string",
+    "format": "uri",
+    "maxLength": 2000,
+    "description": "http(s) URL that gets one signed POST of the job's summary when the job "
+    "ends (headers X-CXR-Signature, X-CXR-Timestamp, X-CXR-Delivery, X-CXR-Attempt, "
+    "X-CXR-Event; secret: GET /v1/callback-secret). No credentials in it; private, loopback "
+    "and link-local hosts only where CXR_CALLBACK_ALLOWED_HOSTS allows them",
+}
+CALLBACK_STATE = {
+    "oneOf": [
+        {"type": "null"},
+        {
+            "type": "object",
+            "required": ["url", "status", "attempts", "error_code", "http_status", "delivered_at"],
+            "properties": {
+                "url": {"type": "string"},
+                "status": {"type": "string", "enum": [s.value for s in CallbackStatus]},
+                "attempts": {"type": "integer", "minimum": 0},
+                "error_code": {
+                    "type": ["string", "null"],
+                    "description": "why the last attempt failed: callback_timeout, "
+                    "callback_connection_failed, callback_tls_failed, callback_dns_failed, "
+                    "callback_http_error (408, 429, 5xx: retried), callback_rejected (3xx or "
+                    "another 4xx: not retried), callback_host_not_allowed",
+                },
+                "http_status": {"type": ["integer", "null"]},
+                "delivered_at": {"type": ["string", "null"], "format": "date-time"},
+            },
+        },
+    ],
+    "description": "the job's callback (null when created without callback_url): pending "
+    "until the job ends and while it is retried, then delivered or failed",
+}
+CALLBACK_SECRET = {
+    "type": "object",
+    "required": ["client", "secret", "created_at", "algorithm"],
+    "properties": {
+        "client": {"type": "string"},
+        "secret": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "algorithm": {"type": "string", "enum": ["HMAC-SHA256"]},
+        "signed": {"type": "string"},
+        "signature_header": {"type": "string"},
+        "event": {"type": "string"},
+        "tolerance_seconds": {"type": "integer"},
+    },
+}
 PULL_REQUEST = {
     "type": "object",
     "required": ["dicomweb"],
@@ -122,6 +208,7 @@ PULL_REQUEST = {
             },
         },
         "client_ref": {"type": "string", "maxLength": 500},
+        "callback_url": CALLBACK_URL,
     },
 }
 STOW_ANSWER = {
@@ -224,6 +311,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                 "type": ["object", "null"],
                 "description": "pull jobs only: pending, done or failed (with error_code)",
             },
+            "callback": CALLBACK_STATE,
         },
     }
     return {
@@ -234,7 +322,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
             "description": "Bulk COVID-19 screening of chest X-rays. A screening aid, not a "
             'diagnosis. Every error is {"error": {"code", "message"}}.',
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"session": []}],
         "paths": {
             "/v1/jobs": {
                 "post": {
@@ -261,6 +349,7 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                                             "items": {"type": "string", "format": "binary"},
                                         },
                                         "client_ref": {"type": "string", "maxLength": 500},
+                                        "callback_url": CALLBACK_URL,
                                     },
                                 }
                             },
@@ -287,7 +376,9 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                         {
                             "name": "per_page",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": max_per_page},
+                            "description": "0: the job's summary alone (no image page), "
+                            "the cheap way to wait for a job",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": max_per_page},
                         },
                         {
                             "name": "status",
@@ -357,6 +448,54 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/images/{image_id}/film.png": {
+                "get": {
+                    "operationId": "getImageFilm",
+                    "summary": "The stored film as a grayscale PNG (long side at most 1024 px), "
+                    "for the web UI",
+                    "parameters": [
+                        {"name": "image_id", "in": "path", "required": True, "schema": UUID_PARAM}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the film, decoded as the worker decodes it",
+                            "content": {
+                                "image/png": {"schema": {"type": "string", "format": "binary"}}
+                            },
+                        },
+                        **_errors(*GET_FILM_ERRORS),
+                    },
+                }
+            },
+            "/v1/images/{image_id}/heatmap.png": {
+                "get": {
+                    "operationId": "getImageHeatmap",
+                    "summary": "Where the model looked (Grad-CAM) drawn over the film, as a PNG "
+                    "(long side at most 1024 px); rendered on the first request, then cached",
+                    "parameters": [
+                        {"name": "image_id", "in": "path", "required": True, "schema": UUID_PARAM}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the heat map over the film: a screening aid, not a "
+                            "diagnosis",
+                            "content": {
+                                "image/png": {"schema": {"type": "string", "format": "binary"}}
+                            },
+                        },
+                        "202": {
+                            "description": "being rendered: ask again after Retry-After seconds",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/HeatmapPending"}
+                                }
+                            },
+                        },
+                        **_errors(*GET_HEATMAP_ERRORS),
+                    },
+                }
+            },
             "/dicomweb/studies": {
                 "post": {
                     "operationId": "stowInstances",
@@ -374,6 +513,28 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                         "202": STOW_ANSWER,
                         "409": STOW_ANSWER,
                         **_errors(*STOW_ERRORS),
+                    },
+                }
+            },
+            "/v1/callback-secret": {
+                "get": {
+                    "operationId": "getCallbackSecret",
+                    "summary": "The secret that signs this client's job callbacks (made on "
+                    "first use)",
+                    "responses": {
+                        "200": _json("CallbackSecret", "the secret; never cache it"),
+                        **_errors(*CALLBACK_SECRET_ERRORS),
+                    },
+                }
+            },
+            "/v1/callback-secret/rotate": {
+                "post": {
+                    "operationId": "rotateCallbackSecret",
+                    "summary": "Replace the secret: every callback signed from now on, retries "
+                    "included, uses the new one",
+                    "responses": {
+                        "200": _json("CallbackSecret", "the new secret"),
+                        **_errors(*ROTATE_SECRET_ERRORS),
                     },
                 }
             },
@@ -396,7 +557,16 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
             },
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": COOKIE,
+                    "description": "the web UI's sign-in session (when no Authorization header "
+                    f"is sent); POST needs its {CSRF_HEADER} header as well",
+                },
+            },
             "schemas": {
                 "ErrorDetail": {
                     "type": "object",
@@ -424,6 +594,8 @@ def build_spec(max_per_page: int) -> dict[str, Any]:
                 "Image": image,
                 "Study": study,
                 "Job": job,
+                "CallbackSecret": CALLBACK_SECRET,
+                "HeatmapPending": HEATMAP_PENDING,
             },
         },
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from typing import Any, Literal
 
@@ -11,8 +10,8 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, ErrorCode
-from shared.db import as_utc
-from shared.models import TERMINAL_IMAGE, TERMINAL_JOB, Image, ImageStatus, Job, Result, job_status
+from shared.models import Image, ImageStatus, Result
+from shared.summary import iso, job_summary  # noqa: F401  (shared with the job's callback)
 
 DEFAULT_PER_PAGE = 100
 
@@ -39,11 +38,6 @@ def int_arg(name: str, default: int, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise APIError(ErrorCode.INVALID_PARAMETER, f"{name} must be between {lo} and {hi}")
     return value
-
-
-def iso(value: dt.datetime | None) -> str | None:
-    value = as_utc(value)
-    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 def image_dict(image: Image, result: Result | None, with_job: bool = False) -> dict[str, Any]:
@@ -78,54 +72,6 @@ def image_dict(image: Image, result: Result | None, with_job: bool = False) -> d
             finished_at=iso(image.finished_at),
         )
     return out
-
-
-def job_summary(session: Session, job: Job) -> dict[str, Any]:
-    rows = session.execute(
-        select(
-            Image.status,
-            func.count(),
-            func.min(Image.started_at),
-            func.max(Image.finished_at),
-        )
-        .where(Image.job_id == job.id)
-        .group_by(Image.status)
-    ).all()
-    counts = {s.value: 0 for s in ImageStatus}
-    started: list[dt.datetime] = []
-    finished: list[dt.datetime] = []
-    for status, count, first_start, last_finish in rows:
-        counts[status] = count
-        if first_start:
-            started.append(as_utc(first_start))  # type: ignore[arg-type]
-        if last_finish:
-            finished.append(as_utc(last_finish))  # type: ignore[arg-type]
-    status = job_status(counts, job.pull_status).value
-    total = sum(counts.values())
-    terminal = sum(counts[s] for s in TERMINAL_IMAGE)
-    done = status in TERMINAL_JOB
-    return {
-        "id": job.id,
-        "status": status,
-        "client_ref": job.client_ref,
-        "model_version": job.model_version,
-        "image_count": total,
-        "counts": counts,
-        "progress": round(terminal / total, 4) if total else 1.0,
-        "created_at": iso(job.created_at),
-        "started_at": iso(min(started)) if started else None,
-        "completed_at": iso(max(finished)) if done and finished else None,
-        "source": job.source,
-        "pull": (
-            {"status": job.pull_status, "error_code": job.pull_error_code}
-            if job.pull_status
-            else None
-        ),
-        "links": {
-            "self": f"/v1/jobs/{job.id}",
-            "results_csv": f"/v1/jobs/{job.id}/results.csv",
-        },
-    }
 
 
 def images_with_results() -> Select[tuple[Image, Result]]:

@@ -14,7 +14,8 @@ c. end to end through ``python -m cli.main serve --workers N`` (its own data dir
    POST to the last result stored (the set submitted ``--rounds`` times over, so that start-up
    is not most of it), with 1 and 2 worker processes; images/s and ratio to (a);
 d. submit latency (p50/p99) of 50-image jobs (~0.5 MB films) while the workers are busy, and
-   poll latency (p50/p99) of ``GET /v1/jobs/{id}`` with 50 concurrent pollers;
+   poll latency (p50/p99) of ``GET /v1/jobs/{id}?per_page=0`` (the summary, as ``cxr wait``
+   polls) with 50 concurrent pollers;
 e. peak RSS (VmHWM) of the worker and API processes.
 
 Films: real ones from ``../shared/data/cxr`` (a round-robin mix of its sources) when present,
@@ -59,6 +60,7 @@ DATA = ROOT.parent / "shared" / "data" / "cxr"
 POLL_INTERVAL = 1.0  # seconds: `cxr wait`'s default
 POLLS = 10
 JOB_SIZE = 48
+WAIT = {"per_page": 0}  # the job's summary, as `cxr wait` polls it
 TERMINAL = {"completed", "completed_with_errors", "failed"}
 
 
@@ -132,18 +134,18 @@ def describe(films: list[tuple[str, bytes]]) -> str:
 
 def in_process(
     films: list[tuple[str, bytes]], n_base: int, repeat: int
-) -> tuple[float, float, float, float]:
-    from shared.imaging import ImageError, preprocess
+) -> tuple[float, float, float, float, dict[str, float]]:
+    from shared.imaging import ImageError, preprocess, preprocess_many
     from worker.processing import decode_threads
+    from worker.resources import inference_threads
 
     settings = get_settings()
-    clf = Classifier.load(settings.model_path, threads=settings.inference_threads)
+    clf = Classifier.load(settings.model_path, threads=inference_threads(settings))
+    config, pixels, seg = clf.info.preprocess, settings.max_image_pixels, clf.segmenter
 
-    def prep(data: bytes) -> np.ndarray | None:  # as worker/processing.py's _decode does it
+    def prep(data: bytes) -> np.ndarray | None:  # one film at a time: the naive way
         try:
-            return preprocess(
-                data, clf.info.preprocess, settings.max_image_pixels, segmenter=clf.segmenter
-            )
+            return preprocess(data, config, pixels, segmenter=seg)
         except ImageError:  # the worker marks it failed or skipped and scores the rest
             return None
 
@@ -154,12 +156,13 @@ def in_process(
     threads = decode_threads(settings)
 
     def limit() -> None:
-        # one chunk at a time as a worker does it, its films decoded on all cores (OpenCV and
-        # the lung step release the GIL): what one process can do on this machine
+        # one chunk at a time as a worker does it (worker/processing.py: _decode_all): films
+        # decoded on a thread pool, the segmenter once per chunk, one batch for the classifier
         with cf.ThreadPoolExecutor(max_workers=threads) as pool:
             for i in range(0, len(films), settings.chunk_size):
                 chunk = [b for _, b in films[i : i + settings.chunk_size]]
-                arrays = [a for a in pool.map(prep, chunk) if a is not None]
+                out = preprocess_many(chunk, config, pixels, seg, mapper=pool.map)
+                arrays = [a for a in out if not isinstance(a, ImageError)]
                 if arrays:
                     clf.predict(np.stack(arrays))
 
@@ -178,7 +181,48 @@ def in_process(
     rate_inf_base = len(one) / timed(
         lambda: [clf.model.predict(one[i : i + 1], verbose=0) for i in range(len(one))], repeat
     )
-    return rate_a, rate_b, rate_inf, rate_inf_base
+    return rate_a, rate_b, rate_inf, rate_inf_base, profile(films, clf, settings, repeat)
+
+
+def profile(films: list[tuple[str, bytes]], clf: Classifier, settings, repeat: int):
+    """Milliseconds per film of each step, one step at a time on one thread (TensorFlow on its
+    own threads): where (a) and (b) spend their time."""
+    from shared.imaging import decode_grayscale, lung_crop, to_model_input
+    from shared.lungs import seg_input
+
+    datas = [b for _, b in films]
+    n, size = len(datas), settings.chunk_size
+    grays = [decode_grayscale(d) for d in datas]
+    seg, config = clf.segmenter, clf.info.preprocess
+    findings = seg.find_many(grays, config.lung_margin) if seg else [None] * n
+    ok = [(g, f) for g, f in zip(grays, findings, strict=True) if f is None or f.box is not None]
+
+    def model_input(gray: np.ndarray, finding) -> np.ndarray:
+        return to_model_input(gray if finding is None else lung_crop(gray, finding), config)
+
+    inputs = np.stack([model_input(g, f) for g, f in ok])
+    chunks = [grays[i : i + size] for i in range(0, n, size)]
+    k = len(inputs)
+    steps = {  # name: (the step, films it handles)
+        "decode (OpenCV)": (lambda: [decode_grayscale(d) for d in datas], n),
+        "segmenter input": (lambda: [seg_input(g) for g in grays], n),
+        "segmenter, one call per chunk": (lambda: [seg.find_many(c) for c in chunks], n),
+        "segmenter, one call per film": (lambda: [seg.find(g) for g in grays], n),
+        "crop + resize to 224": (lambda: [model_input(g, f) for g, f in ok], k),
+        "classifier, one call per chunk": (
+            lambda: [clf.predict(inputs[i : i + size]) for i in range(0, k, size)],
+            k,
+        ),
+        "classifier, model.predict per film": (
+            lambda: [clf.model.predict(x[None], verbose=0) for x in inputs[:24]],
+            min(24, k),
+        ),
+    }
+    out = {}
+    for name, (step, count) in steps.items():
+        if seg is not None or not name.startswith("segmenter"):
+            out[name] = timed(step, repeat) * 1000 / count
+    return out
 
 
 # ---------------------------------------------------------------------------- the stack
@@ -358,7 +402,8 @@ def latency_run(stack: Stack, films: list[tuple[str, bytes]], half_mb: list[tupl
         time.sleep(k * POLL_INTERVAL / 50)  # the clients did not all start in the same instant
         for n in range(POLLS):
             start = time.perf_counter()
-            r = s.get(f"{stack.base}/v1/jobs/{targets[(k + n) % len(targets)]}", timeout=60)
+            job = targets[(k + n) % len(targets)]
+            r = s.get(f"{stack.base}/v1/jobs/{job}", params=WAIT, timeout=60)
             took = time.perf_counter() - start
             mine.append(took * 1000)
             r.raise_for_status()
@@ -371,13 +416,17 @@ def latency_run(stack: Stack, films: list[tuple[str, bytes]], half_mb: list[tupl
         s = requests.Session()
         s.headers.update(stack.headers)
         for n in range(20):
-            s.get(f"{stack.base}/v1/jobs/{targets[(k + n) % len(targets)]}", timeout=60)
+            s.get(
+                f"{stack.base}/v1/jobs/{targets[(k + n) % len(targets)]}", params=WAIT, timeout=60
+            )
 
-    serial_ms = []  # one poller alone: the service time of one GET, without queueing
-    for n in range(20):
-        start = time.perf_counter()
-        stack.http.get(f"{stack.base}/v1/jobs/{targets[n % len(targets)]}", timeout=60)
-        serial_ms.append((time.perf_counter() - start) * 1000)
+    serial_ms: dict[str, list[float]] = {"summary": [], "page of 100": []}
+    for n in range(20):  # one poller alone: the service time of one GET, without queueing
+        for form, params in (("summary", WAIT), ("page of 100", {})):
+            start = time.perf_counter()
+            url = f"{stack.base}/v1/jobs/{targets[n % len(targets)]}"
+            stack.http.get(url, params=params, timeout=60)
+            serial_ms[form].append((time.perf_counter() - start) * 1000)
     state_before = stack.job(targets[-1])["status"]
     with cf.ThreadPoolExecutor(50) as pool:
         list(pool.map(poller, range(50)))
@@ -411,7 +460,7 @@ def main() -> None:
     print(f"films: {origin}: {describe(films)}")
 
     n_base = min(args.baseline_films, len(films))
-    rate_a, rate_b, rate_inf, rate_inf_base = in_process(films, n_base, args.repeat)
+    rate_a, rate_b, rate_inf, rate_inf_base, steps = in_process(films, n_base, args.repeat)
     print(f"(a) in-process limit, threaded preprocess + batched predict : {rate_a:7.1f} img/s")
     print(f"(b) baseline, preprocess + model.predict per image : {rate_b:7.1f} img/s")
     print(f"    a/b = {rate_a / rate_b:.1f}x   (best of {args.repeat}; baseline on {n_base} films)")
@@ -419,6 +468,9 @@ def main() -> None:
         f"    model alone: batched {rate_inf:.1f} img/s vs model.predict per image "
         f"{rate_inf_base:.1f} img/s = {rate_inf / rate_inf_base:.1f}x"
     )
+    print("    profile, ms per film, each step alone on one thread (TensorFlow on its own):")
+    for name, ms in steps.items():
+        print(f"      {name:<36} {ms:6.2f}")
     rows = [
         ("(a) / (b)", f"{rate_a / rate_b:.1f}x", ">= 10x", rate_a / rate_b >= 10),
         (
@@ -464,7 +516,8 @@ def main() -> None:
                             f"{pct(poll, 99):.1f} ms, mean {statistics.mean(poll):.1f} ms "
                             f"(last job {states[0]} -> {states[1]} meanwhile); "
                             f"capacity {rps:.0f} GET/s (50 clients, no pause); "
-                            f"one poller alone: p50 {pct(serial, 50):.1f} ms"
+                            "one poller alone: p50 "
+                            + ", ".join(f"{pct(v, 50):.1f} ms ({k})" for k, v in serial.items())
                         )
                         p99 = pct(sub, 99)
                         rows.append(("submit p99", f"{p99:.0f} ms", "< 1000 ms", p99 < 1000))

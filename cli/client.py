@@ -151,8 +151,9 @@ def submit(
 
 
 def get_job(
-    http: requests.Session, url: str, job_id: str, page: int = 1, per_page: int = 1
+    http: requests.Session, url: str, job_id: str, page: int = 1, per_page: int = 0
 ) -> dict[str, Any]:
+    """The job; by default its summary alone (``per_page=0``: the server skips the images)."""
     resp = http.get(
         f"{url}/v1/jobs/{job_id}", params={"page": page, "per_page": per_page}, timeout=60
     )

@@ -16,6 +16,7 @@ from typing import Any
 import requests
 
 from cli.client import ClientError
+from shared.logs import configure_logging
 from shared.settings import SettingsError, get_settings
 
 #: The data given to the project (outside the repository), and where trained models go.
@@ -277,10 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
-        logging.basicConfig(
-            level=get_settings().log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(get_settings())
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
         return int(args.func(args) or 0)
     except SettingsError as exc:

@@ -10,8 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from shared.settings import Settings, get_settings, local_key_file
+from cli.supervise import Child, Spawn, Supervisor
+from shared.settings import Settings, available_cores, get_settings, local_key_file
+
+if TYPE_CHECKING:
+    from shared.redis_server import RedisServer
 
 log = logging.getLogger("cxr.serve")
 
@@ -74,7 +79,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         "--access-logfile",
         "-",
         "--access-logformat",
-        '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss',  # no query strings
+        # no query strings; the last field is the request id (X-Request-ID)
+        '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss %({x-request-id}o)s',
         "--logger-class",
         "api.access_log.UidMaskingLogger",  # no DICOM UIDs in paths either
         "api.wsgi:app",
@@ -182,38 +188,25 @@ def _ensure_local_key(settings: Settings) -> str:
     )
 
 
-Children = list[tuple[str, subprocess.Popen[bytes]]]
-
-
-def _start_children(workers: int, env: dict[str, str], children: Children) -> None:
+def _children(workers: int, env: dict[str, str], redis: RedisServer | None) -> list[Child]:
+    """What ``cxr serve`` runs, each in a session of its own (the supervisor kills a dead
+    child's leftovers by its process group; Ctrl-C reaches the supervisor alone, which stops
+    them in order)."""
     me = [sys.executable, "-m", "cli.main"]
-    for n in range(workers):
-        children.append((f"worker-{n + 1}", subprocess.Popen([*me, "worker"], env=env)))
-    children.append(("sweeper", subprocess.Popen([*me, "sweeper"], env=env)))
-    children.append(("api", subprocess.Popen([*me, "api"], env=env)))
+    if not env.get("CXR_INFERENCE_THREADS"):  # the cores shared out among all the workers
+        per = workers * get_settings().worker_concurrency
+        env = {**env, "CXR_INFERENCE_THREADS": str(max(1, available_cores() // per))}
 
+    def command(*args: str) -> Spawn:
+        return lambda: subprocess.Popen([*me, *args], env=env, start_new_session=True)
 
-def _supervise(children: Children, stop: StopOnSignal) -> None:
-    """Until a signal, or until any child exits: one dead part stops the whole service, so it
-    never runs half-up unnoticed."""
-    while not stop():
-        for name, proc in children:
-            if proc.poll() is not None:
-                log.error("%s exited with %s; stopping everything", name, proc.returncode)
-                return
-        time.sleep(0.5)
-
-
-def _stop_children(children: Children) -> None:
-    """API first (no new jobs), then sweeper and workers; SIGTERM, then SIGKILL after 30 s."""
-    for _name, proc in reversed(children):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for _name, proc in children:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    children = []
+    if redis is not None:  # already running: started by cmd_serve
+        restart = lambda: redis.start().process  # noqa: E731
+        children.append(Child("redis", restart, redis.process, time.monotonic(), stop_last=True))
+    children += [Child(f"worker-{n + 1}", command("worker")) for n in range(workers)]
+    children += [Child("sweeper", command("sweeper")), Child("api", command("api"))]
+    return children
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -229,24 +222,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
     redis = None
     if not settings.is_set("redis_url"):
+        # started here, not by the supervisor: a port in use is an error to show at once
         redis = RedisServer(settings.embedded_redis_port, settings.data_dir / "redis").start()
         env["CXR_REDIS_URL"] = redis.url
     upgrade(settings.sqlalchemy_url)
     auth_note = _ensure_local_key(settings)
-    children: Children = []
-    stop = StopOnSignal()
+    supervisor = Supervisor(_children(args.workers, env, redis), StopOnSignal())
+    code = 0
     try:
-        _start_children(args.workers, env, children)
+        supervisor.start_all()
         print(
             f"cxr-screen running: API http://{settings.host}:{settings.port}  "
             f"model {info.version}  data {settings.data_dir.resolve()}  "
             f"redis {env['CXR_REDIS_URL']}  (Ctrl-C stops everything)\n{auth_note}",
             flush=True,
         )
-        _supervise(children, stop)
+        code = supervisor.run()
     finally:
-        _stop_children(children)
-        if redis:
-            redis.stop()
+        supervisor.stop_all()
         print("cxr-screen stopped", flush=True)
-    return 0
+    return code

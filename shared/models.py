@@ -67,6 +67,15 @@ class PullStatus(StrEnum):
     FAILED = "failed"
 
 
+class CallbackStatus(StrEnum):
+    """A job's signed callback (``callback_url``): ``pending`` until the job ends and then
+    while it is retried, then ``delivered`` (a 2xx answer) or ``failed`` (with a code)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
 class ChunkStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -147,6 +156,8 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("client", "idempotency_key", name="uq_jobs_client_idempotency_key"),
         Index("ix_jobs_client_created", "client", "created_at"),
+        # the sweeper: callbacks still pending, by when their next attempt is due
+        Index("ix_jobs_callback", "callback_status", "callback_next_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -164,6 +175,28 @@ class Job(Base):
     pull_status: Mapped[str | None] = mapped_column(String(16))
     pull_error_code: Mapped[str | None] = mapped_column(String(64))
     pull_attempted_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    # the signed callback POSTed when the job ends (shared/callbacks.py, worker/callbacks.py):
+    # due_at is when the job ended (null until then); next_at is when the next attempt may
+    # start (an attempt in flight pushes it out by the task time limit, so no two overlap)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_status: Mapped[str | None] = mapped_column(String(16))
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_due_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    callback_next_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    callback_error_code: Mapped[str | None] = mapped_column(String(64))
+    callback_http_status: Mapped[int | None] = mapped_column(Integer)
+    callback_delivered_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class CallbackSecret(Base):
+    """A client's callback signing secret.  Stored as is: signing needs the secret itself, so
+    it cannot be hashed like an API key."""
+
+    __tablename__ = "callback_secrets"
+
+    client: Mapped[str] = mapped_column(String(100), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
 

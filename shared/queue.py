@@ -7,10 +7,13 @@ tables, so there is no result backend.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,20 +30,34 @@ QUEUE = "cxr"
 #: too: worker/celery_app.py).
 DELIVER_TASK = "cxr.deliver_report"
 PULL_TASK = "cxr.pull_job"
+#: A job's signed callback (shared/callbacks.py) goes through the PACS queue too: it waits on
+#: someone else's server as well.
+CALLBACK_TASK = "cxr.deliver_callback"
 PACS_QUEUE = "cxr-pacs"
+#: Heat maps are rendered on demand, on the PACS queue too: a reader waiting for one is not
+#: held behind a backlog of chunks.
+HEATMAP_TASK = "cxr.render_heatmap"
 
 
 def make_celery(settings: Settings, name: str = "cxr") -> Celery:
     app = Celery(name, broker=settings.redis_url)
     app.conf.update(
         task_default_queue=QUEUE,
-        task_routes={DELIVER_TASK: {"queue": PACS_QUEUE}, PULL_TASK: {"queue": PACS_QUEUE}},
+        task_routes={
+            DELIVER_TASK: {"queue": PACS_QUEUE},
+            PULL_TASK: {"queue": PACS_QUEUE},
+            HEATMAP_TASK: {"queue": PACS_QUEUE},
+            CALLBACK_TASK: {"queue": PACS_QUEUE},
+        },
         task_ignore_result=True,
         result_backend=None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # KiB of peak RSS; checked after each task, so a pool process is replaced between
+        # chunks, never killed inside one (None: no limit)
+        worker_max_memory_per_child=settings.worker_max_memory_mb * 1024 or None,
         # a pool child loads TensorFlow and the model before it reports up: allow for that
         worker_proc_alive_timeout=120,
         task_time_limit=settings.task_time_limit,
@@ -119,3 +136,99 @@ def enqueue_pull(celery: Celery, job_id: str) -> bool:
         log.warning("enqueue of pull job %s failed (%s)", job_id, type(exc).__name__)
         return False
     return True
+
+
+def enqueue_callbacks(celery: Celery, job_ids: Iterable[str]) -> int:
+    """Send one callback-delivery task per job, *after* its callback was made due (committed).
+
+    A send that fails leaves the callback due with no attempt: the sweeper sends it.  Returns
+    the number sent."""
+    sent = 0
+    try:
+        for job_id in job_ids:
+            celery.send_task(CALLBACK_TASK, args=[job_id], queue=PACS_QUEUE)
+            sent += 1
+    except Exception as exc:  # broker down: the rows are safe, the sweeper will send them
+        log.warning(
+            "enqueue of callbacks failed after %d (%s); the sweeper will retry",
+            sent,
+            type(exc).__name__,
+        )
+    return sent
+
+
+# --------------------------------------------------------------------------- heat maps
+# A heat map is rendered on demand and its PNG kept in the blob store (content-addressed); Redis
+# names it: ``cxr:heatmap:heatmaps/<image>-<model version>.png`` holds its blob key.  A pending
+# marker beside it (SET NX, with a TTL) lets the API enqueue the rendering once per image while
+# it is pending; the worker drops it when done.  Losing Redis loses only names: heat maps are
+# rendered again.
+
+#: A rendering not done by then (a lost message, a dead worker) is asked for again.
+HEATMAP_PENDING_SECONDS = 120
+#: After a failed rendering the next request may retry after this long (not at once: a client
+#: polling a film that cannot be read any more must not enqueue a task at every poll).
+HEATMAP_RETRY_SECONDS = 30
+#: How long a heat map's name is kept (rendered again on the next request after that).
+HEATMAP_KEEP_SECONDS = 30 * 24 * 3600
+_HEATMAP = "cxr:heatmap:"
+_PENDING = "cxr:heatmap-pending:"
+
+
+class QueueUnavailableError(RuntimeError):
+    """Redis (the broker) cannot be reached; the message is the underlying error's type."""
+
+
+def heatmap_name(image_id: str, model_version: str) -> str:
+    return f"heatmaps/{image_id}-{model_version}.png"
+
+
+@contextlib.contextmanager
+def _broker_redis(celery: Celery) -> Iterator[redis.Redis]:
+    """The broker's Redis client, from the app's connection pool."""
+    try:
+        with celery.pool.acquire(block=True, timeout=5) as conn:
+            yield conn.default_channel.client
+    except (redis.RedisError, BrokerError, OSError) as exc:
+        raise QueueUnavailableError(type(exc).__name__) from exc
+
+
+def request_heatmap(celery: Celery, image_id: str, model_version: str) -> str | None:
+    """The blob key of the image's heat map, or None after making sure it is being rendered
+    (its task is sent at most once while the pending marker lives).  Raises
+    QueueUnavailableError."""
+    name = heatmap_name(image_id, model_version)
+    with _broker_redis(celery) as client:
+        key = client.get(_HEATMAP + name)
+        if key:
+            return key.decode()
+        first = client.set(_PENDING + name, b"1", nx=True, ex=HEATMAP_PENDING_SECONDS)
+    if first:
+        try:
+            celery.send_task(HEATMAP_TASK, args=[image_id, model_version], queue=PACS_QUEUE)
+        except Exception as exc:
+            with contextlib.suppress(QueueUnavailableError), _broker_redis(celery) as client:
+                client.delete(_PENDING + name)
+            raise QueueUnavailableError(type(exc).__name__) from exc
+    return None
+
+
+def forget_heatmap(celery: Celery, image_id: str, model_version: str) -> None:
+    """Drop a heat map's name (its blob is gone): the next request renders it again."""
+    with _broker_redis(celery) as client:
+        client.delete(_HEATMAP + heatmap_name(image_id, model_version))
+
+
+def heatmap_rendered(celery: Celery, image_id: str, model_version: str, blob_key: str) -> None:
+    """Name the stored heat map and drop the pending marker."""
+    name = heatmap_name(image_id, model_version)
+    with _broker_redis(celery) as client:
+        client.set(_HEATMAP + name, blob_key.encode(), ex=HEATMAP_KEEP_SECONDS)
+        client.delete(_PENDING + name)
+
+
+def heatmap_failed(celery: Celery, image_id: str, model_version: str) -> None:
+    """A rendering failed: its pending marker ends in HEATMAP_RETRY_SECONDS, so a later
+    request retries it."""
+    with _broker_redis(celery) as client:
+        client.expire(_PENDING + heatmap_name(image_id, model_version), HEATMAP_RETRY_SECONDS)

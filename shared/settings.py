@@ -63,9 +63,13 @@ class Settings:
     retry_backoff_max: int = 60
     worker_concurrency: int = 1
     api_workers: int = 2
-    inference_threads: int = 0  # 0: TensorFlow's default
+    inference_threads: int = 0  # 0: the cores shared out among the pool's processes
+    worker_nice: int = 10  # pool processes yield the CPU to the API on a shared machine
     decode_threads: int = 0  # films of a chunk decoded at once; 0: one per core, at most 4
+    # a pool process whose peak RSS passed this (MiB) is replaced after its chunk; 0: never
+    worker_max_memory_mb: int = 3000
     log_level: str = "INFO"
+    log_format: str = "text"  # "json": one JSON object a line (shared/logs.py)
     # Every /v1 request needs an API key unless this is set (one-machine, single-user mode only)
     auth_disabled: bool = False
     # the hospital's PACS (DICOMweb): scored DICOM images get a report sent back there
@@ -74,6 +78,14 @@ class Settings:
     dicomweb_password: str = dataclasses.field(default="", repr=False)
     # each worker serves Prometheus metrics on this port (0: off)
     metrics_port: int = 0
+    # signed job callbacks (shared/callbacks.py): where they may go besides public addresses
+    # (host names, .domains, IPs and CIDRs, comma-separated), how long an undelivered one is
+    # retried, and the connect and read timeout of one attempt (seconds)
+    callback_allowed_hosts: str = ""
+    callback_max_seconds: int = 3600
+    callback_timeout: float = 10.0
+    # a web UI sign-in lasts this long (seconds), then the reader signs in again
+    ui_session_seconds: int = 8 * 3600
     #: the fields whose CXR_* variable was set (``cxr serve`` embeds Redis only if it was not)
     explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False, compare=False)
 
@@ -109,11 +121,14 @@ class Settings:
             "enqueue_grace_seconds",
             "retry_backoff_max",
             "embedded_redis_port",
+            "ui_session_seconds",
+            "callback_max_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"CXR_{name.upper()} must be > 0")
         self._validate_ranges()
+        self._validate_callbacks()
         self._validate_timings()
         self._validate_strings()
         return self
@@ -121,6 +136,10 @@ class Settings:
     def _validate_ranges(self) -> None:
         if not (math.isfinite(self.sweep_interval) and self.sweep_interval > 0):
             raise SettingsError("CXR_SWEEP_INTERVAL must be a positive number of seconds")
+        if not 0 <= self.worker_nice <= 19:
+            raise SettingsError("CXR_WORKER_NICE must be 0 (unchanged) to 19")
+        if self.worker_max_memory_mb < 0:
+            raise SettingsError("CXR_WORKER_MAX_MEMORY_MB must be 0 (no limit) or more")
         if not 0 <= self.decode_threads <= 64:
             raise SettingsError("CXR_DECODE_THREADS must be 0 (one per core) to 64")
         if not 0 <= self.metrics_port <= 65535:
@@ -138,6 +157,19 @@ class Settings:
         if self.lease_seconds <= self.task_time_limit:
             raise SettingsError("CXR_LEASE_SECONDS must exceed CXR_TASK_TIME_LIMIT")
 
+    def _validate_callbacks(self) -> None:
+        from shared.callbacks import AllowList  # here: settings must not load the models
+
+        # one attempt (resolve, connect, send, read the answer) must end well inside a task
+        if not (math.isfinite(self.callback_timeout) and self.callback_timeout > 0):
+            raise SettingsError("CXR_CALLBACK_TIMEOUT must be a positive number of seconds")
+        if self.callback_timeout > self.task_time_limit / 4:
+            raise SettingsError("CXR_CALLBACK_TIMEOUT must be at most CXR_TASK_TIME_LIMIT / 4")
+        try:
+            AllowList.parse(self.callback_allowed_hosts)
+        except ValueError as exc:
+            raise SettingsError(f"CXR_CALLBACK_ALLOWED_HOSTS: {exc}") from None
+
     def _validate_strings(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("CXR_REDIS_URL must be a redis:// URL")
@@ -147,6 +179,8 @@ class Settings:
             raise SettingsError("CXR_URL must be an http:// or https:// URL")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("CXR_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError("CXR_LOG_FORMAT must be text or json")
         self._validate_blob_url()
 
     def _validate_blob_url(self) -> None:
@@ -191,7 +225,10 @@ _TYPES: dict[str, type] = {
     "s3_access_key_id": str,
     "s3_secret_access_key": str,
     "log_level": str,
+    "log_format": str,
     "sweep_interval": float,
+    "callback_allowed_hosts": str,
+    "callback_timeout": float,
     "auth_disabled": bool,
 }
 
@@ -208,6 +245,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             continue
         values[f.name] = _convert(f.name, raw, _TYPES.get(f.name, int))
     return Settings(**values, explicit=frozenset(values)).validate()  # type: ignore[arg-type]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def local_key_file(settings: Settings) -> Path:

@@ -5,12 +5,15 @@ verify what it reads.  ``LocalBlobStore`` writes into a directory that API and w
 (a volume across hosts); ``S3BlobStore`` keeps them in S3-compatible object storage, for hosts
 that share no volume.  Invariant: ``get`` returns exactly the bytes whose sha256 is the key, or
 raises ``BlobNotFoundError``, ``BlobCorruptError`` or another ``OSError`` (an unreachable store is
-``BlobStoreUnavailableError``, which the worker retries as transient).
+``BlobStoreUnavailableError``, which the worker retries as transient).  ``put`` either stores the
+whole blob or raises; a store without room (a full disk, a quota) raises ``BlobStoreFullError``
+and leaves no partial file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -32,6 +35,18 @@ class BlobCorruptError(OSError):
 
 class BlobStoreUnavailableError(OSError):
     """The object store could not be reached or answered with a server error (transient)."""
+
+
+class BlobStoreFullError(OSError):
+    """The store has no room for a new blob: a full disk or quota (ENOSPC, EDQUOT), or an object
+    store that says so.  Not weather: it lasts until an operator makes room."""
+
+
+#: The errnos of a full file system or an exhausted quota.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: What S3-compatible stores answer when they are full: MinIO's drive threshold (HTTP 507), its
+#: bucket quota, Ceph RGW's quota.  AWS S3 itself has no such limit.
+_S3_FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded"})
 
 
 class BlobStore(Protocol):
@@ -65,6 +80,16 @@ class LocalBlobStore:
         path = self._path(key)
         if path.exists():
             return key
+        try:
+            self._write(path, data)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise BlobStoreFullError(exc.errno, f"no room for blob {key}") from exc
+            raise
+        return key
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -74,9 +99,8 @@ class LocalBlobStore:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)  # a full disk keeps no half-written blob
             raise
-        return key
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -144,7 +168,8 @@ class S3BlobStore:
 
 @contextlib.contextmanager
 def _s3_errors(key: str) -> Iterator[None]:
-    """Map botocore's exceptions onto the store's: missing key, unavailable, other OSError."""
+    """Map botocore's exceptions onto the store's: missing key, full, unavailable, other
+    OSError."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -154,6 +179,8 @@ def _s3_errors(key: str) -> Iterator[None]:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if err.get("Code") in {"NoSuchKey", "404", "NotFound"}:
             raise BlobNotFoundError(key) from exc
+        if status == 507 or err.get("Code") in _S3_FULL_CODES:  # before the 5xx: not transient
+            raise BlobStoreFullError(errno.ENOSPC, f"blob {key}: S3 {err.get('Code')}") from exc
         if status >= 500 or err.get("Code") in {"SlowDown", "RequestTimeout"}:
             raise BlobStoreUnavailableError(f"blob {key}: S3 {err.get('Code')}") from exc
         raise OSError(f"blob {key}: S3 {err.get('Code')}") from exc

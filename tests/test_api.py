@@ -248,10 +248,17 @@ def test_get_job_paginates(client) -> None:
     assert beyond["images"] == []
 
 
+def test_get_job_with_per_page_0_is_the_summary_alone(client) -> None:
+    job_id = post_files(client, [(f"{n}.png", png_bytes(n)) for n in range(3)]).get_json()["id"]
+    body = client.get(f"/v1/jobs/{job_id}?per_page=0").get_json()
+    assert body["images"] == []
+    assert body["pagination"] == {"page": 1, "per_page": 0, "total": 3, "pages": 0}
+    assert body["counts"]["queued"] == 3
+
+
 @pytest.mark.parametrize(
     "query",
     [
-        "per_page=0",
         "per_page=-1",
         "per_page=1000000000",
         "per_page=501",

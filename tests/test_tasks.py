@@ -75,3 +75,16 @@ def test_a_forked_child_builds_its_own_resource() -> None:
     got, child_pid = map(int, os.read(read_end, 64).split())
     os.waitpid(pid, 0)
     assert got == child_pid != os.getpid()  # ...and the child never reuses it
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_pool_processes_yield_the_cpu_and_the_parent_does_not(start_worker) -> None:
+    """CXR_WORKER_NICE lowers the priority of the processes that run the model, only."""
+    worker = start_worker(CXR_WORKER_NICE="7")
+    parent = os.getpriority(os.PRIO_PROCESS, worker.process.pid)
+    children = worker.children()
+    assert children
+    assert [os.getpriority(os.PRIO_PROCESS, pid) - parent for pid in children] == [7] * len(
+        children
+    )
+    assert parent == os.getpriority(os.PRIO_PROCESS, 0)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from shared.models import (
     PacsDelivery,
     Result,
 )
-from shared.settings import Settings
+from shared.settings import Settings, available_cores
 from shared.storage import BlobCorruptError, BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)
@@ -238,7 +237,7 @@ def _read(blobs: BlobStore, blob_key: str) -> bytes | ImageError:
 def decode_threads(settings: Settings) -> int:
     """Films decoded at once: reading the blob, OpenCV and the lung segmenter release the GIL,
     so a chunk's films overlap on the worker's cores (measured: bench/bench_e2e.py)."""
-    return settings.decode_threads or max(1, min(4, os.cpu_count() or 1))
+    return settings.decode_threads or max(1, min(4, available_cores()))
 
 
 def _decode_all(

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import sessions_for
 from shared.dicomweb import pacs_client
 from shared.model_store import Classifier, ModelFileError, ModelInfo, read_model_info
-from shared.settings import get_settings
+from shared.settings import Settings, available_cores, get_settings
 from shared.storage import BlobStore, blob_store
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,17 @@ def blobs() -> BlobStore:
     return blob_store(get_settings())
 
 
+def inference_threads(settings: Settings) -> int:
+    """TensorFlow's intra-op threads in one pool process: unless set, the cores shared out
+    among the pool's processes (each would otherwise start one thread per core, and N
+    processes on the same cores spend their time preempting each other)."""
+    return settings.inference_threads or max(1, available_cores() // settings.worker_concurrency)
+
+
 @per_process
 def classifier() -> Classifier:
     settings = get_settings()
-    loaded = Classifier.load(settings.model_path, settings.inference_threads)
+    loaded = Classifier.load(settings.model_path, inference_threads(settings))
     log.info("model %s loaded", loaded.info.version)
     return loaded
 

@@ -11,7 +11,10 @@
   the image was scored, or since its last attempt, which every attempt stamps first): their
   message was never sent or was lost.  Only while the report queue is empty (else they may be
   waiting in it), or after the visibility timeout whatever the queue holds;
-* pull jobs still ``pending`` with no attempt for as long, on the same terms.
+* pull jobs still ``pending`` with no attempt for as long, on the same terms;
+* job callbacks: jobs that ended without their callback being made due (a worker died between
+  its commit and its check), and due callbacks with no attempt in flight or scheduled for as
+  long (worker/callbacks.py).
 
 Each state change is a conditional UPDATE, so a chunk claimed by a worker in the meantime is
 left alone.  Re-enqueueing is always safe: processing is idempotent.
@@ -33,6 +36,7 @@ from shared.db import utcnow
 from shared.models import Chunk, ChunkStatus, Image, Job, PacsDelivery, PullStatus
 from shared.queue import PACS_QUEUE, QUEUE, enqueue_chunks, enqueue_deliveries, enqueue_pull
 from shared.settings import Settings
+from worker.callbacks import sweep_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +190,7 @@ def sweep(celery: Celery, session_factory: sessionmaker[Session], settings: Sett
         log.warning("sweeper re-enqueued %d stranded chunk(s)", sent)
     sweep_deliveries(celery, session_factory, settings)
     sweep_pulls(celery, session_factory, settings)
+    sweep_callbacks(celery, session_factory, settings, pacs_queue_is_empty(celery))
     return sent
 
 

@@ -12,12 +12,26 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from shared.callbacks import callback_if_ended
 from shared.dicomweb import PacsError, PacsUnavailableError
 from shared.models import PullStatus
-from shared.queue import CLASSIFY_TASK, DELIVER_TASK, PULL_TASK, enqueue_deliveries, enqueue_pull
+from shared.queue import (
+    CALLBACK_TASK,
+    CLASSIFY_TASK,
+    DELIVER_TASK,
+    HEATMAP_TASK,
+    PULL_TASK,
+    enqueue_deliveries,
+    enqueue_pull,
+    heatmap_failed,
+    heatmap_rendered,
+)
 from shared.settings import Settings, get_settings
+from worker.callbacks import INTERNAL_ERROR as CALLBACK_BUG
+from worker.callbacks import callback_http, deliver_callback, fail_callback
 from worker.celery_app import app
 from worker.delivery import INTERNAL_ERROR, deliver, fail, give_up
+from worker.heatmaps import render_heatmap
 from worker.metrics import record_chunk
 from worker.processing import process_chunk, release
 from worker.pull import end_pull, pull
@@ -78,6 +92,7 @@ def classify_chunk(self: Task, chunk_id: str) -> None:
             ),
             max_retries=MAX_RETRIES,
         ) from exc
+    callback_if_ended(app, sessions(), chunk_id=chunk_id)  # the job's last chunk: its callback
     record_chunk(sessions(), chunk_id, outcome, started)
     log.info(
         "chunk %s: %d completed, %d failed, %d skipped (out of scope), %d already done, "
@@ -181,3 +196,60 @@ def pull_job(self: Task, job_id: str) -> None:
             return
         log.error("pull job %s: unexpected %s", job_id, type(exc).__name__)
         end_pull(sessions(), job_id, PullStatus.FAILED, "internal_error")
+    finally:  # an ended pull may end the job (its images all done, or none found)
+        callback_if_ended(app, sessions(), job_id=job_id)
+
+
+def _heatmap(image_id: str, model_version: str) -> str | None:
+    """The rendered heat map's blob key; None (logged) when there is nothing to render."""
+    model = classifier()
+    if model.info.version != model_version:  # a worker still on another model
+        log.warning("image %s: heat map asked of model %s, not this one", image_id, model_version)
+        return None
+    key = render_heatmap(image_id, sessions(), blobs(), model, get_settings())
+    if key is None:
+        log.warning("image %s: no such image; no heat map", image_id)
+    return key
+
+
+# On the PACS queue (shared/queue.py routes it).  Never retried and never raised: a failure
+# (the film unreadable, the store or the database away) is logged by its type, and the pending
+# marker ends soon, so a later GET of the heat map asks again.
+@app.task(name=HEATMAP_TASK)
+def render_heatmap_task(image_id: str, model_version: str) -> None:
+    try:
+        key = _heatmap(image_id, model_version)
+        if key is not None:
+            heatmap_rendered(app, image_id, model_version, key)
+            log.info("image %s: heat map rendered", image_id)
+            return
+    except Exception as exc:
+        log.warning("image %s: heat map failed (%s)", image_id, type(exc).__name__)
+    try:
+        heatmap_failed(app, image_id, model_version)
+    except Exception as exc:
+        log.warning("image %s: heat map marker not cleared (%s)", image_id, type(exc).__name__)
+
+
+# On the PACS queue (shared/queue.py routes it).  Retried without a count: deliver_callback
+# stops at CXR_CALLBACK_MAX_SECONDS after the job ended.
+@app.task(name=CALLBACK_TASK, bind=True, max_retries=None)
+def deliver_callback_task(self: Task, job_id: str) -> None:
+    settings = get_settings()
+    try:
+        outcome = deliver_callback(job_id, sessions(), settings, callback_http())
+    except SoftTimeLimitExceeded:
+        log.warning("job %s: callback attempt outlived the task; the sweeper resends it", job_id)
+        return
+    except Exception as exc:
+        if is_transient(exc):  # the database: its claim runs out, then the sweeper resends it
+            log.warning("job %s: callback: transient %s", job_id, type(exc).__name__)
+            return
+        log.error("job %s: callback: unexpected %s", job_id, type(exc).__name__)
+        try:
+            fail_callback(sessions(), job_id, CALLBACK_BUG)
+        except Exception as again:
+            log.error("job %s: cannot record the failure (%s)", job_id, type(again).__name__)
+        return
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)
