@@ -21,12 +21,13 @@ from api.auth import authenticate, current_principal
 from api.errors import APIError, ErrorCode
 from api.extensions import service
 from api.multipart_related import iter_parts
+from api.quotas import admit
 from api.uploads import Budget
+from shared.dispatch import dispatch
 from shared.imaging import StudyMismatchError
 from shared.ingest import ingest, refuse
 from shared.models import Image, ImageStatus, Job, new_id
 from shared.planning import add_plan, plan_job
-from shared.queue import enqueue_chunks
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,12 @@ def store_instances(study_uid: str | None = None) -> Response:
     state = service.state
     if state.model is None:
         raise APIError(ErrorCode.MODEL_UNAVAILABLE, "the model is not available; see /readyz")
+    principal = current_principal()
+    admit(state, principal)  # before the body is read: a refusal stores nothing
     job = Job(
         id=new_id(),
-        client=current_principal().client,
+        client=principal.client,
+        priority=principal.priority,
         model_version=state.model.version,
         source="stow",
     )
@@ -124,7 +128,7 @@ def store_instances(study_uid: str | None = None) -> Response:
     plan = plan_job(job, images, state.settings.chunk_size)
     with state.sessions.begin() as session:
         add_plan(session, plan)
-    enqueue_chunks(state.celery, state.sessions, plan.chunk_ids)
+    dispatch(state.celery, state.sessions, state.settings)
     failures = sum(i.status == ImageStatus.FAILED for i in images)
     log.info("stow job %s: %d instances, %d refused", job.id, len(images), failures)
     # PS3.18: 200 all stored; 202 some failed; 409 none could be stored

@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from api.ui_sessions import SessionStoreUnavailableError
+from shared.queue import HEATMAP_FAILED_SECONDS
 from shared.storage import BlobStoreFullError, BlobStoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class ErrorCode(StrEnum):
     CSRF_FAILED = (
         "csrf_failed",
         403,
-        "a POST or DELETE with the web UI session cookie lacks the session's X-CSRF-Token",
+        "a POST or DELETE with the web UI session cookie lacks the session's X-CSRF-Token, or "
+        "any POST or DELETE comes with the Origin header of another site",
     )
     # submission: the whole request is refused
     UNSUPPORTED_MEDIA_TYPE = (
@@ -116,6 +118,25 @@ class ErrorCode(StrEnum):
         "callback_url points at a private, loopback, link-local or reserved address that "
         "CXR_CALLBACK_ALLOWED_HOSTS does not allow",
     )
+    # backpressure: nothing of the submission is stored; retry after Retry-After seconds
+    TOO_MANY_IMAGES_IN_FLIGHT = (
+        "too_many_images_in_flight",
+        429,
+        "this client already has CXR_MAX_IMAGES_IN_FLIGHT (or its key's limit) images not yet "
+        "finished; retry after Retry-After seconds",
+    )
+    TOO_MANY_SUBMISSIONS = (
+        "too_many_submissions",
+        429,
+        "this client sent more than CXR_MAX_SUBMISSIONS_PER_MINUTE (or its key's limit) "
+        "submissions this clock minute; retry after Retry-After seconds",
+    )
+    OVERLOADED = (
+        "overloaded",
+        503,
+        "the service holds CXR_MAX_QUEUE_IMAGES unfinished images or more; retry after "
+        "Retry-After seconds",
+    )
     # reads
     JOB_NOT_FOUND = "job_not_found", 404, "no job with this id for this client"
     IMAGE_NOT_FOUND = "image_not_found", 404, "no image with this id for this client"
@@ -129,6 +150,12 @@ class ErrorCode(StrEnum):
         409,
         "the image has no score from the model now served (failed, skipped, not yet scored or "
         "scored by an earlier model): it has no heat map",
+    )
+    HEATMAP_UNAVAILABLE = (
+        "heatmap_unavailable",
+        409,
+        "the heat map's rendering failed (the stored film cannot be read, or the worker "
+        f"failed); it is tried again on a request {HEATMAP_FAILED_SECONDS // 60} minutes later",
     )
     # any request
     NOT_FOUND = "not_found", 404, "no such path"
@@ -204,6 +231,15 @@ class APIError(Exception):
         return self.code.status
 
 
+class RetryLaterError(APIError):
+    """An :class:`APIError` answered with ``Retry-After: retry_after`` (seconds): a refusal
+    that will not last (a quota, an overload)."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after: int) -> None:
+        super().__init__(code, message)
+        self.retry_after = max(1, int(retry_after))
+
+
 def error_response(code: ErrorCode, message: str) -> tuple[Response, int]:
     return jsonify({"error": {"code": code.value, "message": message}}), code.status
 
@@ -246,6 +282,8 @@ def register_error_handlers(app: Flask) -> None:
         response, status = error_response(exc.code, exc.message)
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="cxr-screen"'
+        if isinstance(exc, RetryLaterError):
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response, status
 
     @app.errorhandler(HTTPException)

@@ -4,7 +4,10 @@ its heat map (where the model looked).
 The film and the heat map are served back only to a client that may read the image (its job's
 owner, or an admin), downscaled, as the pixels the worker decodes (no DICOM header goes out).
 A heat map is rendered by a worker on the first request (202 until it is stored; the task is
-sent once while it is pending) and served from the blob store after that.
+sent once while it is pending) and served from the blob store after that; a rendering that
+failed is answered 409 ``heatmap_unavailable`` for a while (shared/queue.py), not retried at
+every poll.  Neither picture may be cached by the browser (``no-store``): a shared
+workstation keeps no patient's pixels after its reader has signed out.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ import logging
 import cv2
 import numpy as np
 from flask import Blueprint, Response, jsonify
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.auth import authenticate, current_principal
+from api.auth import authenticate, caller_may_read
 from api.errors import APIError, ErrorCode, retry_later
 from api.extensions import service
 from api.queries import image_dict, images_with_results, parse_id
 from shared.imaging import ImageError, decode_grayscale
 from shared.models import Image, ImageStatus, Job, Result
-from shared.queue import QueueUnavailableError, forget_heatmap, request_heatmap
+from shared.queue import (
+    HeatmapFailedError,
+    QueueUnavailableError,
+    forget_heatmap,
+    request_heatmap,
+)
 from shared.storage import BlobCorruptError, BlobNotFoundError
 
 log = logging.getLogger(__name__)
@@ -33,18 +40,17 @@ bp.before_request(authenticate)
 
 #: The long side of the film PNG, in pixels: enough to read beside a heat map, far less to send.
 FILM_MAX_SIDE = 1024
+#: Patients' pixels: never kept by the browser (nor any proxy), so no ETag either.
+PICTURE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
 def load_image(session: Session, image_id: str) -> tuple[Image, Result | None]:
     """The image and its result, if the caller may see it: 404 otherwise (also when it exists
     for another client: no hint that it does)."""
+    query = images_with_results().join(Job, Job.id == Image.job_id)
     row = session.execute(
-        images_with_results().where(Image.id == parse_id(image_id, "image"))
+        query.where(Image.id == parse_id(image_id, "image"), caller_may_read(Job.client))
     ).first()
-    principal = current_principal()
-    if row is not None and not principal.is_admin:
-        owner = session.scalar(select(Job.client).where(Job.id == row[0].job_id))
-        row = row if owner == principal.client else None
     if row is None:
         raise APIError(ErrorCode.IMAGE_NOT_FOUND, f"no image with id {image_id!r}")
     return row[0], row[1]
@@ -82,12 +88,12 @@ def get_film(image_id: str) -> Response:
         raise APIError(
             ErrorCode.IMAGE_UNREADABLE, f"the stored file cannot be shown ({exc.code})"
         ) from None
-    # an image id names one stored file forever: the browser may keep it, for this user only
-    return Response(
-        png,
-        mimetype="image/png",
-        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
-    )
+    except (BlobNotFoundError, BlobCorruptError) as exc:  # lost or damaged in the store
+        log.warning("image %s: film not shown (%s)", image_id, type(exc).__name__)
+        raise APIError(
+            ErrorCode.IMAGE_UNREADABLE, "the stored file is missing or damaged"
+        ) from None
+    return Response(png, mimetype="image/png", headers=PICTURE_HEADERS)
 
 
 #: Seconds a client is asked to wait while a heat map is rendered (a rendering takes ~0.2 s).
@@ -135,8 +141,14 @@ def get_heatmap(image_id: str) -> Response | tuple[Response, int]:
     try:
         png = _stored_heatmap(image.id, version)
     except QueueUnavailableError as exc:
-        log.warning("heat map: the task queue is unavailable (%s)", exc)
+        log.warning("heat map: the task queue is unavailable (%s)", exc)  # an exception type
         return retry_later(ErrorCode.QUEUE_UNAVAILABLE, "the task queue is unavailable")
+    except HeatmapFailedError as exc:
+        raise APIError(
+            ErrorCode.HEATMAP_UNAVAILABLE,
+            "the heat map could not be drawn (the stored film cannot be read, or the worker "
+            f"failed); it may be tried again in {exc.retry_in} s",
+        ) from None
     if png is None:
         pending = jsonify(
             {"image_id": image.id, "status": "pending", "retry_after": HEATMAP_RETRY_AFTER}
@@ -145,9 +157,4 @@ def get_heatmap(image_id: str) -> Response | tuple[Response, int]:
             {"Retry-After": str(HEATMAP_RETRY_AFTER), "Cache-Control": "no-store"}
         )
         return pending, 202
-    # an image's heat map for one model never changes: the browser may keep it, for this user
-    return Response(
-        png,
-        mimetype="image/png",
-        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
-    )
+    return Response(png, mimetype="image/png", headers=PICTURE_HEADERS)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.auth import authenticate, current_principal
+from api.auth import authenticate, caller_may_read, current_principal
 from api.errors import APIError, ErrorCode
 from api.extensions import service
 from api.pull import pull_request
@@ -27,6 +27,7 @@ from api.queries import (
     job_summary,
     parse_id,
 )
+from api.quotas import admit
 from api.uploads import iter_uploads
 from shared import logs
 from shared.callbacks import (
@@ -36,10 +37,11 @@ from shared.callbacks import (
     callback_if_ended,
     check_url,
 )
+from shared.dispatch import dispatch
 from shared.ingest import ingest
 from shared.models import CallbackStatus, Image, ImageStatus, Job, PullStatus, new_id
 from shared.planning import JobPlan, add_plan, plan_job
-from shared.queue import enqueue_chunks, enqueue_pull
+from shared.queue import enqueue_pull
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,7 @@ def _commit(plan: JobPlan) -> str | None:
 
 @bp.post("")
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    """validate → plan the rows → commit (or replay) → enqueue."""
+    """validate → admit (quotas) → plan the rows → commit (or replay) → dispatch."""
     state = service.state
     _check_submission()
     principal = current_principal()
@@ -183,10 +185,12 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         existing = _existing_job_id(principal.client, idempotency_key)
         if existing is not None:
             return _replay(existing)
+    admit(state, principal)  # before the body is read: a refusal stores nothing
     client_ref, callback_url = _client_ref(), _callback_url()
     job = Job(
         id=new_id(),
         client=principal.client,
+        priority=principal.priority,
         idempotency_key=idempotency_key,
         client_ref=client_ref,
         model_version=state.model.version,
@@ -199,8 +203,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     winner = _commit(plan)
     if winner is not None:
         return _replay(winner)
-    # Only after the commit: a worker must never see a chunk that is not in the database.
-    enqueue_chunks(state.celery, state.sessions, plan.chunk_ids)
+    # Only after the commit: a worker must never see a chunk that is not in the database.  The
+    # job's chunks wait their turn with everyone's (shared/dispatch.py): some may go now.
+    dispatch(state.celery, state.sessions, state.settings)
     if job.pull_status is not None:
         enqueue_pull(state.celery, job.id)
     if job.callback_url:  # every image refused at the door: the job has ended already
@@ -212,12 +217,13 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     return jsonify(body), 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
 
 
-def _load_job(session: Session, job_id: str) -> Job:
+def load_job(session: Session, job_id: str) -> Job:
     """The job, if it exists *and* the caller may see it: 404 either way, so no client can
     learn that another's job exists."""
-    job = session.get(Job, parse_id(job_id, "job"))
-    principal = current_principal()
-    if job is None or not (principal.is_admin or job.client == principal.client):
+    job = session.scalar(
+        select(Job).where(Job.id == parse_id(job_id, "job"), caller_may_read(Job.client))
+    )
+    if job is None:
         raise APIError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}")
     return job
 
@@ -235,7 +241,7 @@ def get_job(job_id: str) -> Response:
             f"status must be one of {', '.join(s.value for s in ImageStatus)}",
         )
     with state.sessions() as session:
-        job = _load_job(session, job_id)
+        job = load_job(session, job_id)
         body = job_summary(session, job)
         if per_page:
             items, total = image_page(session, job.id, page, per_page, status)
@@ -255,7 +261,7 @@ def get_job(job_id: str) -> Response:
 def get_studies(job_id: str) -> Response:
     """The job's DICOM studies, one row each (empty for a job without DICOM input)."""
     with service.state.sessions() as session:
-        job = _load_job(session, job_id)
+        job = load_job(session, job_id)
         studies = job_studies(session, job.id)
     return jsonify({"job_id": job.id, "studies": studies})
 
@@ -280,7 +286,7 @@ CSV_COLUMNS = (
 def results_csv(job_id: str) -> Response:
     state = service.state
     with state.sessions() as session:
-        job_id = _load_job(session, job_id).id
+        job_id = load_job(session, job_id).id
 
     def rows() -> Iterator[str]:
         buf = io.StringIO()

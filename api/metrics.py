@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.extensions import service
 from shared.db import as_utc, utcnow
+from shared.dispatch import undispatched
 from shared.models import Chunk, ChunkStatus, Image, ImageStatus
 from shared.queue import PACS_QUEUE, QUEUE
 
@@ -39,6 +40,9 @@ class Snapshot:
     """The cluster's state at one instant (None: that source could not be read)."""
 
     queue_depth: dict[str, int] | None = None
+    # queued chunks not yet dispatched to the broker (shared/dispatch.py), and their images
+    undispatched_chunks: int | None = None
+    undispatched_images: int | None = None
     images: dict[str, int] | None = None
     finished: dict[str, int] | None = None  # in the last WINDOW seconds, by terminal status
     oldest_queued_seconds: float | None = None
@@ -71,6 +75,7 @@ def _read_db(session: Session, snap: Snapshot) -> None:
         session.scalar(select(func.min(Chunk.created_at)).where(Chunk.status == ChunkStatus.QUEUED))
     )
     snap.oldest_queued_seconds = (now - oldest).total_seconds() if oldest else 0.0
+    snap.undispatched_chunks, snap.undispatched_images = undispatched(session)
 
 
 def snapshot(celery: Celery, sessions: sessionmaker[Session]) -> Snapshot:
@@ -86,6 +91,10 @@ def snapshot(celery: Celery, sessions: sessionmaker[Session]) -> Snapshot:
     except Exception as exc:
         log.warning("metrics: cannot read the database (%s)", type(exc).__name__)
         snap.errors.append("database")
+    if snap.queue_depth is not None and snap.undispatched_chunks is not None:
+        # the broker holds only a few messages by design: the chunks still waiting for their
+        # turn in the database are queue depth too (what an autoscaler must see)
+        snap.queue_depth[QUEUE] += snap.undispatched_chunks
     return snap
 
 
@@ -108,7 +117,22 @@ class ClusterCollector(Collector):
         snap = snapshot(self.celery, self.sessions)
         if snap.queue_depth is not None:
             yield _gauge(
-                "cxr_queue_depth", "Messages in the broker queue", "queue", snap.queue_depth
+                "cxr_queue_depth",
+                "Chunks waiting or in hand (cxr: broker messages plus chunks not yet "
+                "dispatched; cxr-pacs: broker messages)",
+                "queue",
+                snap.queue_depth,
+            )
+        if snap.undispatched_chunks is not None:
+            yield GaugeMetricFamily(
+                "cxr_undispatched_chunks",
+                "Queued chunks waiting in the database for their turn to be dispatched",
+                value=snap.undispatched_chunks,
+            )
+            yield GaugeMetricFamily(
+                "cxr_undispatched_images",
+                "Unfinished images of the chunks not yet dispatched",
+                value=snap.undispatched_images,
             )
         if snap.images is not None:
             yield _gauge("cxr_images", "Images by status", "status", snap.images)

@@ -37,6 +37,12 @@ AUTH_ERRORS = (
     ErrorCode.SESSION_EXPIRED,
     ErrorCode.SESSION_STORE_UNAVAILABLE,
 )
+#: Refusals of a new submission (api/quotas.py), answered with Retry-After.
+BACKPRESSURE_ERRORS = (
+    ErrorCode.TOO_MANY_SUBMISSIONS,
+    ErrorCode.TOO_MANY_IMAGES_IN_FLIGHT,
+    ErrorCode.OVERLOADED,
+)
 CREATE_JOB_ERRORS = (
     *AUTH_ERRORS,
     ErrorCode.CSRF_FAILED,
@@ -56,6 +62,7 @@ CREATE_JOB_ERRORS = (
     ErrorCode.PACS_NOT_CONFIGURED,
     ErrorCode.INVALID_CALLBACK_URL,
     ErrorCode.CALLBACK_HOST_NOT_ALLOWED,
+    *BACKPRESSURE_ERRORS,
     ErrorCode.DATABASE_UNAVAILABLE,
     ErrorCode.DATABASE_FULL,
     ErrorCode.STORAGE_UNAVAILABLE,
@@ -74,6 +81,7 @@ STOW_ERRORS = (
     ErrorCode.FILE_TOO_LARGE,
     ErrorCode.REQUEST_TOO_LARGE,
     ErrorCode.MODEL_UNAVAILABLE,
+    *BACKPRESSURE_ERRORS,
     ErrorCode.DATABASE_UNAVAILABLE,
     ErrorCode.DATABASE_FULL,
     ErrorCode.STORAGE_UNAVAILABLE,
@@ -91,6 +99,7 @@ GET_FILM_ERRORS = (*GET_IMAGE_ERRORS, ErrorCode.IMAGE_UNREADABLE, ErrorCode.STOR
 GET_HEATMAP_ERRORS = (
     *GET_IMAGE_ERRORS,
     ErrorCode.IMAGE_NOT_SCORED,
+    ErrorCode.HEATMAP_UNAVAILABLE,
     ErrorCode.MODEL_UNAVAILABLE,
     ErrorCode.STORAGE_UNAVAILABLE,
     ErrorCode.QUEUE_UNAVAILABLE,
@@ -108,6 +117,15 @@ HEATMAP_PENDING = {
 #: Blueprints whose routes this description leaves out on purpose: the web UI's HTML pages,
 #: sign-in and static files (api/ui.py) are not part of the JSON API.
 UNDESCRIBED_BLUEPRINTS = frozenset({"ui"})
+
+
+#: 429 and 503 answers say when to come back (seconds).
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying (sent with the codes that say so)",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
 
 
 def _code_line(code: ErrorCode, with_status: bool = False) -> str:
@@ -131,6 +149,7 @@ def _errors(*codes: ErrorCode) -> dict[str, Any]:
         str(status): {
             "description": "\n".join(_code_line(c) for c in members),
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            **({"headers": RETRY_AFTER} if status in (429, 503) else {}),
         }
         for status, members in sorted(by_status.items())
     }

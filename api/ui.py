@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import secrets
 
 from flask import (
@@ -29,11 +30,11 @@ from flask import (
 from sqlalchemy import select
 
 from api import ui_sessions
-from api.auth import ANONYMOUS, current_principal
+from api.auth import ANONYMOUS, caller_may_read, current_principal
 from api.errors import RETRY_AFTER_SECONDS, APIError, ErrorCode
 from api.extensions import service
 from api.images import load_image
-from api.jobs import _load_job as load_job
+from api.jobs import load_job
 from api.queries import image_dict, int_arg, job_summary
 from shared.models import TERMINAL_IMAGE, TERMINAL_JOB, ImageStatus, Job
 from shared.settings import Settings
@@ -141,12 +142,16 @@ def _here() -> str:
     return request.full_path.rstrip("?") if request.query_string else request.path
 
 
+#: A path on this site: printable ASCII only (browsers drop tabs and newlines, so "/\t/host"
+#: would be "//host"; CR or LF could not go in a header at all), never "//" or "/\\" (another
+#: host).
+_LOCAL_PATH = re.compile(r"/(?![/\\])[\x21-\x7e]{0,1999}")
+
+
 def _next_page() -> str:
     """Where to go after signing in: a path on this site only (never another host)."""
     target = request.values.get("next", "")
-    if target.startswith("/") and not target.startswith(("//", "/\\")) and len(target) < 2000:
-        return target
-    return url_for("ui.jobs")
+    return target if _LOCAL_PATH.fullmatch(target) else url_for("ui.jobs")
 
 
 def _signin_page(error: str | None = None, status: int = 200) -> Response:
@@ -221,9 +226,11 @@ def signout() -> Response:
 def jobs() -> str:
     page = int_arg("page", 1, 1, 10**6)
     principal = current_principal()
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
-    if not principal.is_admin:
-        query = query.where(Job.client == principal.client)
+    query = (
+        select(Job)
+        .where(caller_may_read(Job.client))
+        .order_by(Job.created_at.desc(), Job.id.desc())
+    )
     with service.state.sessions() as session:
         rows = session.scalars(query.offset((page - 1) * JOBS_PER_PAGE).limit(JOBS_PER_PAGE + 1))
         found = list(rows)
@@ -287,4 +294,5 @@ def image(image_id: str) -> str:
         threshold=threshold,
         scored=details["status"] == ImageStatus.COMPLETED,
         terminal=details["status"] in TERMINAL_IMAGE,
+        terminal_statuses=sorted(s.value for s in TERMINAL_IMAGE),
     )

@@ -23,7 +23,7 @@ from flask import Flask, Response, current_app, g, request
 from sqlalchemy import select
 
 from api.extensions import service
-from shared.auth import Principal, hash_key, lookup
+from shared.auth import Principal, hash_key, lookup, principal_of
 from shared.models import ApiKey
 from shared.settings import Settings
 
@@ -111,7 +111,7 @@ def _active_principal(key_hash: str) -> Principal | None:
         row = db.scalar(
             select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
         )
-    return None if row is None else Principal(client=row.client, is_admin=row.is_admin)
+    return None if row is None else principal_of(row)  # with its priority and limits
 
 
 def close(sid: str) -> None:

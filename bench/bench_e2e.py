@@ -134,7 +134,7 @@ def describe(films: list[tuple[str, bytes]]) -> str:
 
 def in_process(
     films: list[tuple[str, bytes]], n_base: int, repeat: int
-) -> tuple[float, float, float, float, dict[str, float]]:
+) -> tuple[float, float, float, float, dict[str, float], dict[int, float]]:
     from shared.imaging import ImageError, preprocess, preprocess_many
     from worker.processing import decode_threads
     from worker.resources import inference_threads
@@ -155,12 +155,12 @@ def in_process(
 
     threads = decode_threads(settings)
 
-    def limit() -> None:
+    def limit(size: int = settings.chunk_size) -> None:
         # one chunk at a time as a worker does it (worker/processing.py: _decode_all): films
         # decoded on a thread pool, the segmenter once per chunk, one batch for the classifier
         with cf.ThreadPoolExecutor(max_workers=threads) as pool:
-            for i in range(0, len(films), settings.chunk_size):
-                chunk = [b for _, b in films[i : i + settings.chunk_size]]
+            for i in range(0, len(films), size):
+                chunk = [b for _, b in films[i : i + size]]
                 out = preprocess_many(chunk, config, pixels, seg, mapper=pool.map)
                 arrays = [a for a in out if not isinstance(a, ImageError)]
                 if arrays:
@@ -181,7 +181,14 @@ def in_process(
     rate_inf_base = len(one) / timed(
         lambda: [clf.model.predict(one[i : i + 1], verbose=0) for i in range(len(one))], repeat
     )
-    return rate_a, rate_b, rate_inf, rate_inf_base, profile(films, clf, settings, repeat)
+    by_size = {  # CXR_CHUNK_SIZE: the in-process limit at other sizes
+        size: len(films) / timed(lambda size=size: limit(size), repeat)
+        for size in (8, 16, 32, 64)
+        if size != settings.chunk_size
+    }
+    by_size[settings.chunk_size] = rate_a
+    steps = profile(films, clf, settings, repeat)
+    return rate_a, rate_b, rate_inf, rate_inf_base, steps, dict(sorted(by_size.items()))
 
 
 def profile(films: list[tuple[str, bytes]], clf: Classifier, settings, repeat: int):
@@ -460,7 +467,7 @@ def main() -> None:
     print(f"films: {origin}: {describe(films)}")
 
     n_base = min(args.baseline_films, len(films))
-    rate_a, rate_b, rate_inf, rate_inf_base, steps = in_process(films, n_base, args.repeat)
+    rate_a, rate_b, rate_inf, rate_inf_base, steps, by_size = in_process(films, n_base, args.repeat)
     print(f"(a) in-process limit, threaded preprocess + batched predict : {rate_a:7.1f} img/s")
     print(f"(b) baseline, preprocess + model.predict per image : {rate_b:7.1f} img/s")
     print(f"    a/b = {rate_a / rate_b:.1f}x   (best of {args.repeat}; baseline on {n_base} films)")
@@ -468,6 +475,8 @@ def main() -> None:
         f"    model alone: batched {rate_inf:.1f} img/s vs model.predict per image "
         f"{rate_inf_base:.1f} img/s = {rate_inf / rate_inf_base:.1f}x"
     )
+    sizes = ", ".join(f"{k}: {v:.1f}" for k, v in by_size.items())
+    print(f"    (a) by chunk size (CXR_CHUNK_SIZE), img/s: {sizes}")
     print("    profile, ms per film, each step alone on one thread (TensorFlow on its own):")
     for name, ms in steps.items():
         print(f"      {name:<36} {ms:6.2f}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,17 @@ from shared.settings import get_settings, local_key_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip"}
 DICOMDIR = "DICOMDIR"  # PS3.10 fixes the index file's name
+#: Answers that mean "not now": a quota (429) or an overloaded or absent dependency (503).
+RETRY_STATUSES = frozenset({429, 503})
+#: Seconds of waiting after which `cxr submit` / `cxr wait` give up on a server that keeps
+#: answering 429 or 503 (--retry-for overrides it).
+DEFAULT_RETRY_FOR = 600.0
+MAX_BACKOFF = 60.0
+RETRY_HELP = (
+    "on 429 or 503 answers, wait as the server's Retry-After says (at least 1 s, doubling with "
+    "each refusal in a row, up to 60 s) and try again, for at most this many seconds of waiting "
+    "in all (default %(default)s; 0: never retry)"
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +47,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="*", type=Path, help="files, folders or zips")
     p.add_argument("--client-ref", default=None, help="your own label for the job")
+    p.add_argument(
+        "--retry-for", type=float, default=DEFAULT_RETRY_FOR, metavar="SECONDS", help=RETRY_HELP
+    )
     p.add_argument(
         "--pacs-study",
         action="append",
@@ -56,6 +73,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     p.add_argument("--timeout", type=float, default=0, help="seconds; 0 waits forever")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no results table")
+    p.add_argument(
+        "--retry-for", type=float, default=DEFAULT_RETRY_FOR, metavar="SECONDS", help=RETRY_HELP
+    )
     common(p)
     p.set_defaults(func=cmd_wait)
 
@@ -87,6 +107,43 @@ def http_session(args: argparse.Namespace) -> requests.Session:
     if key:
         session.headers["Authorization"] = f"Bearer {key}"
     return session
+
+
+def _pause(resp: requests.Response, refusals: int) -> float:
+    """Seconds to wait after the ``refusals``-th refusal in a row: the server's Retry-After,
+    but at least a backoff that doubles from 1 s (capped), with a little jitter so that many
+    clients refused together do not come back together."""
+    raw = resp.headers.get("Retry-After", "").strip()
+    asked = float(raw) if raw.isdigit() else 0.0
+    backoff = min(2.0 ** (refusals - 1), MAX_BACKOFF)
+    return max(asked, backoff) * random.uniform(1.0, 1.1)
+
+
+def _error_code(resp: requests.Response) -> str:
+    try:
+        return str(resp.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "error"
+
+
+def with_retries(send: Callable[[], requests.Response], retry_for: float) -> requests.Response:
+    """``send()`` again while the answer is 429 or 503, honouring Retry-After, for at most
+    ``retry_for`` seconds of waiting; returns the last answer (the caller checks it)."""
+    waited, refusals = 0.0, 0
+    while True:
+        resp = send()
+        if resp.status_code not in RETRY_STATUSES:
+            return resp
+        refusals += 1
+        pause = _pause(resp, refusals)
+        if waited + pause > retry_for:
+            return resp
+        print(
+            f"server busy ({resp.status_code} {_error_code(resp)}): retrying in {pause:.0f} s",
+            file=sys.stderr,
+        )
+        time.sleep(pause)
+        waited += pause
 
 
 def _check(resp: requests.Response) -> requests.Response:
@@ -133,29 +190,48 @@ def collect_paths(paths: list[Path]) -> list[Path]:
     return files
 
 
-def submit(
-    http: requests.Session, url: str, files: list[Path], client_ref: str | None = None
-) -> dict[str, Any]:
+def _post_files(
+    http: requests.Session, url: str, files: list[Path], data: dict | None, headers: dict
+) -> requests.Response:
     handles = [open(f, "rb") for f in files]  # noqa: SIM115 - closed below
     try:
         parts = [
             ("files", (f.name, h, "application/octet-stream"))
             for f, h in zip(files, handles, strict=True)
         ]
-        data = {"client_ref": client_ref} if client_ref else None
-        resp = http.post(f"{url}/v1/jobs", files=parts, data=data, timeout=600)
+        return http.post(f"{url}/v1/jobs", files=parts, data=data, headers=headers, timeout=600)
     finally:
         for h in handles:
             h.close()
+
+
+def submit(
+    http: requests.Session,
+    url: str,
+    files: list[Path],
+    client_ref: str | None = None,
+    retry_for: float = DEFAULT_RETRY_FOR,
+) -> dict[str, Any]:
+    """One job; refusals for now (429, 503) are retried, each retry with the same
+    Idempotency-Key, so that a retry of a submission the server did take cannot make two."""
+    data = {"client_ref": client_ref} if client_ref else None
+    headers = {"Idempotency-Key": f"cxr-submit-{uuid.uuid4()}"}
+    resp = with_retries(lambda: _post_files(http, url, files, data, headers), retry_for)
     return _check(resp).json()
 
 
 def get_job(
-    http: requests.Session, url: str, job_id: str, page: int = 1, per_page: int = 0
+    http: requests.Session,
+    url: str,
+    job_id: str,
+    page: int = 1,
+    per_page: int = 0,
+    retry_for: float = DEFAULT_RETRY_FOR,
 ) -> dict[str, Any]:
     """The job; by default its summary alone (``per_page=0``: the server skips the images)."""
-    resp = http.get(
-        f"{url}/v1/jobs/{job_id}", params={"page": page, "per_page": per_page}, timeout=60
+    params = {"page": page, "per_page": per_page}
+    resp = with_retries(
+        lambda: http.get(f"{url}/v1/jobs/{job_id}", params=params, timeout=60), retry_for
     )
     return _check(resp).json()
 
@@ -216,13 +292,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         payload = pull_body(args.pacs_study, args.pacs_query)
         if args.client_ref:
             payload["client_ref"] = args.client_ref
-        body = _check(http.post(f"{url}/v1/jobs", json=payload, timeout=60)).json()
+        headers = {"Idempotency-Key": f"cxr-submit-{uuid.uuid4()}"}
+        resp = with_retries(
+            lambda: http.post(f"{url}/v1/jobs", json=payload, headers=headers, timeout=60),
+            args.retry_for,
+        )
+        body = _check(resp).json()
         print(body["id"])
         print("the server is pulling the images from its PACS", file=sys.stderr)
         return 0
     if not args.paths:
         raise ClientError("give files, folders or zips to send (or --pacs-study / --pacs-query)")
-    body = submit(http, url, collect_paths(args.paths), args.client_ref)
+    body = submit(http, url, collect_paths(args.paths), args.client_ref, args.retry_for)
     print(body["id"])
     print(f"{body['image_count']} image(s) accepted", file=sys.stderr)
     return 0
@@ -245,7 +326,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
     url, http = base_url(args), http_session(args)
     started = time.monotonic()
-    body = get_job(http, url, args.job_id)
+    body = get_job(http, url, args.job_id, retry_for=args.retry_for)
     bar = None if args.quiet else progress_bar(body["image_count"], finished(body), tqdm)
     try:
         while True:
@@ -259,7 +340,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 print(f"timed out; job is {body['status']}", file=sys.stderr)
                 return 1
             time.sleep(args.interval)
-            body = get_job(http, url, args.job_id)
+            body = get_job(http, url, args.job_id, retry_for=args.retry_for)
     finally:
         if bar is not None:
             bar.close()

@@ -58,6 +58,10 @@ def _lines(snap: Snapshot, workers: int | None, stuck: tuple[int, int]) -> list[
     if snap.images is None:
         lines.append("database           unavailable")
         return lines
+    lines.append(  # counted in the queue depth above; they wait for their turn (fairness)
+        f"not dispatched     {snap.undispatched_chunks} chunks "
+        f"({snap.undispatched_images} images) wait for their turn"
+    )
     done = snap.finished
     lines.append(
         f"last {WINDOW} s          {done['completed']} completed, {done['failed']} failed"
@@ -68,7 +72,7 @@ def _lines(snap: Snapshot, workers: int | None, stuck: tuple[int, int]) -> list[
     lines.append("images             " + ", ".join(f"{s} {n}" for s, n in images.items()))
     lines.append(
         f"stuck chunks       {stuck[0]} running past their lease, "
-        f"{stuck[1]} queued to send again (the sweeper retries them)"
+        f"{stuck[1]} whose message was lost (the sweeper sends them again)"
     )
     return lines
 

@@ -318,11 +318,13 @@ def verify_signature(
     is the HMAC of ``timestamp`` (X-CXR-Timestamp, as received) and the raw ``body`` under
     ``secret``, and the timestamp is within ``tolerance_s`` of ``now`` (default: the clock)."""
     stamp = str(timestamp)
-    if not stamp.isdigit() or not isinstance(signature, str):
+    # isdigit() takes "²", which int() refuses; bytes, since compare_digest refuses non-ASCII str
+    if not (stamp.isascii() and stamp.isdecimal()) or not isinstance(signature, str):
         return False
     if abs((time.time() if now is None else now) - int(stamp)) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, stamp, body), signature.strip())
+    given = signature.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(sign(secret, stamp, body).encode("ascii"), given)
 
 
 def delivery_id(job_id: str) -> str:

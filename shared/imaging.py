@@ -384,7 +384,7 @@ def preprocess_many(
         if segmenter is None:
             raise RuntimeError("this model crops to the lung fields: it needs its segmenter")
         films = [g for g in grays if not isinstance(g, ImageError)]
-        findings = iter(segmenter.find_many(films, config.lung_margin))
+        findings = iter(segmenter.find_many(films, config.lung_margin) if films else [])
         pairs = [(g, None if isinstance(g, ImageError) else next(findings)) for g in grays]
     else:
         pairs = [(g, None) for g in grays]

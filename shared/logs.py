@@ -25,9 +25,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from shared.settings import Settings
+from shared.settings import LOG_FORMATS, Settings
 
-LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The ids a line may carry, in the order a JSON line lists them.
 ID_FIELDS = ("request_id", "job_id", "chunk_id", "image_id")

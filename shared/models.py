@@ -149,6 +149,11 @@ class ApiKey(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    # fairness and backpressure (shared/dispatch.py, api/quotas.py): the priority of the jobs
+    # this key submits (higher: dispatched first), and its own limits (null: the settings')
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    max_images_in_flight: Mapped[int | None] = mapped_column(Integer)
+    max_submissions_per_minute: Mapped[int | None] = mapped_column(Integer)
 
 
 class Job(Base):
@@ -169,6 +174,8 @@ class Job(Base):
     model_version: Mapped[str] = mapped_column(String(100))
     # how the images came: "upload" (POST /v1/jobs), "stow" (DICOMweb STOW-RS) or "pull"
     source: Mapped[str] = mapped_column(String(16), default="upload", server_default="upload")
+    # copied from the submitting key: its chunks are dispatched before those of lower priority
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # pull jobs only: what to fetch (JSON: study UIDs or a QIDO-RS query without patient
     # identifiers), and how the pull stands
     pull_request: Mapped[str | None] = mapped_column(Text)

@@ -2,13 +2,16 @@
 
 API and workers build the same Celery app from the settings; the API only *sends* tasks by
 name and never imports the worker's task code (or TensorFlow).  Job state lives in our own
-tables, so there is no result backend.
+tables, so there is no result backend.  Chunks reach the classification queue through the fair
+dispatcher (shared/dispatch.py), which sends them with the same task name; the PACS queue
+(reports, pulls, heat maps, callbacks) is sent to directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
 
 import redis
@@ -78,10 +81,13 @@ def make_celery(settings: Settings, name: str = "cxr") -> Celery:
 def enqueue_chunks(
     celery: Celery, session_factory: sessionmaker[Session], chunk_ids: Iterable[str]
 ) -> int:
-    """Send one task per chunk, *after* the chunks were committed, and stamp ``enqueued_at``.
+    """Send one task per chunk now, *after* the chunks were committed, and stamp
+    ``enqueued_at``, bypassing the fair dispatcher: for chunks whose turn came already (the
+    sweeper resends those whose message was lost).  New work goes through
+    ``shared.dispatch.dispatch``.
 
-    A chunk whose send fails keeps ``enqueued_at`` NULL; the sweeper re-enqueues it.  Returns
-    the number of chunks sent.
+    A chunk whose send fails keeps its old ``enqueued_at``; the sweeper tries it again.
+    Returns the number of chunks sent.
     """
     sent: list[str] = []
     try:
@@ -161,30 +167,56 @@ def enqueue_callbacks(celery: Celery, job_ids: Iterable[str]) -> int:
 # A heat map is rendered on demand and its PNG kept in the blob store (content-addressed); Redis
 # names it: ``cxr:heatmap:heatmaps/<image>-<model version>.png`` holds its blob key.  A pending
 # marker beside it (SET NX, with a TTL) lets the API enqueue the rendering once per image while
-# it is pending; the worker drops it when done.  Losing Redis loses only names: heat maps are
-# rendered again.
+# it is pending; the worker drops it when done.  A rendering that failed leaves a failure
+# marker instead, for HEATMAP_FAILED_SECONDS: requests meanwhile are answered "unavailable"
+# without a task.  Losing Redis loses only names: heat maps are rendered again.
 
 #: A rendering not done by then (a lost message, a dead worker) is asked for again.
 HEATMAP_PENDING_SECONDS = 120
 #: After a failed rendering the next request may retry after this long (not at once: a client
 #: polling a film that cannot be read any more must not enqueue a task at every poll).
-HEATMAP_RETRY_SECONDS = 30
+HEATMAP_FAILED_SECONDS = 600
 #: How long a heat map's name is kept (rendered again on the next request after that).
 HEATMAP_KEEP_SECONDS = 30 * 24 * 3600
 _HEATMAP = "cxr:heatmap:"
 _PENDING = "cxr:heatmap-pending:"
+_FAILED = "cxr:heatmap-failed:"
 
 
 class QueueUnavailableError(RuntimeError):
     """Redis (the broker) cannot be reached; the message is the underlying error's type."""
 
 
+class HeatmapFailedError(RuntimeError):
+    """The heat map's last rendering failed; ``retry_in``: seconds until one may be tried
+    again."""
+
+    def __init__(self, retry_in: int) -> None:
+        super().__init__(f"retry in {retry_in} s")
+        self.retry_in = retry_in
+
+
 def heatmap_name(image_id: str, model_version: str) -> str:
     return f"heatmaps/{image_id}-{model_version}.png"
 
 
+_clients: dict[tuple[str, int], redis.Redis] = {}
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A plain client of the broker's Redis, one per URL and process, that fails fast (no
+    connection retries, short timeouts): for the checks and counters that must not hold a
+    request for seconds while Redis is away (kombu's own connections retry for ~4 s)."""
+    key = (url, os.getpid())
+    client = _clients.get(key)
+    if client is None:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        _clients[key] = client
+    return client
+
+
 @contextlib.contextmanager
-def _broker_redis(celery: Celery) -> Iterator[redis.Redis]:
+def broker_redis(celery: Celery) -> Iterator[redis.Redis]:
     """The broker's Redis client, from the app's connection pool."""
     try:
         with celery.pool.acquire(block=True, timeout=5) as conn:
@@ -196,18 +228,21 @@ def _broker_redis(celery: Celery) -> Iterator[redis.Redis]:
 def request_heatmap(celery: Celery, image_id: str, model_version: str) -> str | None:
     """The blob key of the image's heat map, or None after making sure it is being rendered
     (its task is sent at most once while the pending marker lives).  Raises
-    QueueUnavailableError."""
+    HeatmapFailedError while a failed rendering's marker lives, QueueUnavailableError."""
     name = heatmap_name(image_id, model_version)
-    with _broker_redis(celery) as client:
+    with broker_redis(celery) as client:
         key = client.get(_HEATMAP + name)
         if key:
             return key.decode()
+        failed_for = client.ttl(_FAILED + name)
+        if failed_for > 0:
+            raise HeatmapFailedError(failed_for)
         first = client.set(_PENDING + name, b"1", nx=True, ex=HEATMAP_PENDING_SECONDS)
     if first:
         try:
             celery.send_task(HEATMAP_TASK, args=[image_id, model_version], queue=PACS_QUEUE)
         except Exception as exc:
-            with contextlib.suppress(QueueUnavailableError), _broker_redis(celery) as client:
+            with contextlib.suppress(QueueUnavailableError), broker_redis(celery) as client:
                 client.delete(_PENDING + name)
             raise QueueUnavailableError(type(exc).__name__) from exc
     return None
@@ -215,20 +250,22 @@ def request_heatmap(celery: Celery, image_id: str, model_version: str) -> str | 
 
 def forget_heatmap(celery: Celery, image_id: str, model_version: str) -> None:
     """Drop a heat map's name (its blob is gone): the next request renders it again."""
-    with _broker_redis(celery) as client:
+    with broker_redis(celery) as client:
         client.delete(_HEATMAP + heatmap_name(image_id, model_version))
 
 
 def heatmap_rendered(celery: Celery, image_id: str, model_version: str, blob_key: str) -> None:
     """Name the stored heat map and drop the pending marker."""
     name = heatmap_name(image_id, model_version)
-    with _broker_redis(celery) as client:
+    with broker_redis(celery) as client:
         client.set(_HEATMAP + name, blob_key.encode(), ex=HEATMAP_KEEP_SECONDS)
         client.delete(_PENDING + name)
 
 
 def heatmap_failed(celery: Celery, image_id: str, model_version: str) -> None:
-    """A rendering failed: its pending marker ends in HEATMAP_RETRY_SECONDS, so a later
-    request retries it."""
-    with _broker_redis(celery) as client:
-        client.expire(_PENDING + heatmap_name(image_id, model_version), HEATMAP_RETRY_SECONDS)
+    """A rendering failed: requests are answered so (HeatmapFailedError) for
+    HEATMAP_FAILED_SECONDS, then the next one tries again."""
+    name = heatmap_name(image_id, model_version)
+    with broker_redis(celery) as client:
+        client.set(_FAILED + name, b"1", ex=HEATMAP_FAILED_SECONDS)
+        client.delete(_PENDING + name)

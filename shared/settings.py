@@ -18,6 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "cxr-cnn.npz"
 #: Images declaring more pixels than this are refused from their header, before decoding.
 DEFAULT_MAX_PIXELS = 50_000_000
+#: CXR_LOG_FORMAT's values (shared/logs.py formats them; it imports this module, not the reverse).
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -58,7 +60,9 @@ class Settings:
     task_time_limit: int = 300  # seconds, hard limit of one chunk task
     visibility_timeout: int = 3600  # seconds; must stay well above task_time_limit
     lease_seconds: int = 600  # a chunk running longer than this is presumed dead
-    enqueue_grace_seconds: int = 60  # a chunk never enqueued for this long is re-enqueued
+    # a dispatched chunk still queued this long while the broker holds no message at all lost
+    # its message (Redis restarted without persistence): the sweeper sends it again
+    enqueue_grace_seconds: int = 60
     sweep_interval: float = 30.0
     retry_backoff_max: int = 60
     worker_concurrency: int = 1
@@ -66,6 +70,15 @@ class Settings:
     inference_threads: int = 0  # 0: the cores shared out among the pool's processes
     worker_nice: int = 10  # pool processes yield the CPU to the API on a shared machine
     decode_threads: int = 0  # films of a chunk decoded at once; 0: one per core, at most 4
+    # fairness (shared/dispatch.py): chunk messages kept waiting in the broker's classification
+    # queue; the rest stay in the database until a worker frees a place
+    dispatch_depth: int = 1
+    # backpressure (api/quotas.py): per client (an API key may override the first two), and
+    # for the whole service; refusals ask to retry after quota_retry_after seconds
+    max_images_in_flight: int = 20000
+    max_submissions_per_minute: int = 120
+    max_queue_images: int = 100000
+    quota_retry_after: int = 30
     # a pool process whose peak RSS passed this (MiB) is replaced after its chunk; 0: never
     worker_max_memory_mb: int = 3000
     log_level: str = "INFO"
@@ -97,6 +110,14 @@ class Settings:
         return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
 
     @property
+    def callback_attempt_timeout(self) -> float:
+        """CXR_CALLBACK_TIMEOUT, within a quarter of the task's time limit unless set: one
+        attempt must end well inside its task (a set value beyond that is refused)."""
+        if self.is_set("callback_timeout"):
+            return self.callback_timeout
+        return min(self.callback_timeout, self.task_time_limit / 4)
+
+    @property
     def sqlalchemy_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -123,6 +144,11 @@ class Settings:
             "embedded_redis_port",
             "ui_session_seconds",
             "callback_max_seconds",
+            "dispatch_depth",
+            "max_images_in_flight",
+            "max_submissions_per_minute",
+            "max_queue_images",
+            "quota_retry_after",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -163,7 +189,7 @@ class Settings:
         # one attempt (resolve, connect, send, read the answer) must end well inside a task
         if not (math.isfinite(self.callback_timeout) and self.callback_timeout > 0):
             raise SettingsError("CXR_CALLBACK_TIMEOUT must be a positive number of seconds")
-        if self.callback_timeout > self.task_time_limit / 4:
+        if self.is_set("callback_timeout") and self.callback_timeout > self.task_time_limit / 4:
             raise SettingsError("CXR_CALLBACK_TIMEOUT must be at most CXR_TASK_TIME_LIMIT / 4")
         try:
             AllowList.parse(self.callback_allowed_hosts)
@@ -179,8 +205,8 @@ class Settings:
             raise SettingsError("CXR_URL must be an http:// or https:// URL")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("CXR_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
-        if self.log_format not in ("text", "json"):
-            raise SettingsError("CXR_LOG_FORMAT must be text or json")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"CXR_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
         self._validate_blob_url()
 
     def _validate_blob_url(self) -> None:

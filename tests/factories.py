@@ -82,12 +82,13 @@ def png_files(n: int, seed: int = 0, **kwargs: int) -> list[tuple[str, bytes]]:
     return [(f"{k}.png", png_bytes(seed + k, **kwargs)) for k in range(n)]
 
 
-def make_key(sessions, client: str, is_admin: bool = False) -> str:
-    """A real API key for ``client`` in the database behind ``sessions``; returns the plaintext."""
+def make_key(sessions, client: str, is_admin: bool = False, **limits: int | None) -> str:
+    """A real API key for ``client`` in the database behind ``sessions`` (``limits``: its
+    priority, max_images_in_flight, max_submissions_per_minute); returns the plaintext."""
     from shared.auth import create_key
 
     with sessions.begin() as session:
-        return create_key(session, client, is_admin)[1]
+        return create_key(session, client, is_admin, **limits)[1]
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -131,13 +132,15 @@ def make_job(
     blobs,
     images: list[bytes],
     chunk_size: int = 32,
+    job_fields: dict | None = None,
     **chunk_fields: object,
 ) -> tuple[str, list[str], list[str]]:
-    """Rows for one job, planned as the API plans them; returns (job id, chunk ids, image ids)."""
+    """Rows for one job, planned as the API plans them (``job_fields``: e.g. its client and
+    priority); returns (job id, chunk ids, image ids)."""
     from shared.models import Image, ImageStatus, Job, new_id
     from shared.planning import add_plan, plan_job
 
-    job = Job(id=new_id(), model_version="test")
+    job = Job(id=new_id(), model_version="test", **(job_fields or {}))
     rows = [
         Image(
             id=new_id(),
@@ -153,3 +156,23 @@ def make_job(
     with sessions.begin() as session:
         add_plan(session, plan)
     return job.id, plan.chunk_ids, [r.id for r in rows]
+
+
+def score(sessions, image_id: str, model_version: str, probability: float = 0.9) -> None:
+    """Make an image ``completed`` with a result from ``model_version``, as a worker would."""
+    from shared.db import utcnow
+    from shared.models import Image, ImageStatus, Result
+
+    with sessions.begin() as session:
+        image = session.get(Image, image_id)
+        image.status = ImageStatus.COMPLETED
+        image.finished_at = utcnow()
+        label = "covid" if probability >= 0.5 else "non-covid"
+        session.add(
+            Result(
+                image_id=image_id,
+                probability=probability,
+                label=label,
+                model_version=model_version,
+            )
+        )

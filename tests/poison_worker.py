@@ -13,15 +13,15 @@ from worker import processing
 from worker.celery_app import app
 
 MARKER = b"POISON-PILL"
-_real_preprocess = processing.preprocess
+_real_preprocess_many = processing.preprocess_many
 
 
-def _preprocess_or_die(data: bytes, *args, **kwargs):
-    if MARKER in data:
+def _preprocess_or_die(datas, *args, **kwargs):
+    if any(MARKER in data for data in datas):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _real_preprocess(data, *args, **kwargs)
+    return _real_preprocess_many(datas, *args, **kwargs)
 
 
-processing.preprocess = _preprocess_or_die
+processing.preprocess_many = _preprocess_or_die
 
 __all__ = ["app"]

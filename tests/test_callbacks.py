@@ -9,9 +9,14 @@ address (DNS rebinding, TLS to a name): a resolver function handed to ``deliver_
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
+import hmac
 import json
+import re
+import signal
 import socket
 import ssl
 import threading
@@ -43,7 +48,14 @@ from shared.models import CallbackStatus, Image, ImageStatus, Job
 from shared.queue import CALLBACK_TASK, PACS_QUEUE, make_celery
 from tests.factories import make_job, png_bytes, png_files, post_files, submit, submit_http
 from tests.service_client import wait_done, wait_for
-from worker.callbacks import REJECTED, TLS_FAILED, callback_session, deliver_callback
+from worker.callbacks import (
+    CONNECTION_FAILED,
+    REJECTED,
+    TIMEOUT,
+    TLS_FAILED,
+    callback_session,
+    deliver_callback,
+)
 from worker.sweeper import sweep
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -158,6 +170,35 @@ def test_a_signature_verifies_only_for_its_secret_body_and_recent_timestamp() ->
     assert not verify_signature("s3cret", str(old), body, sign("s3cret", old, body))
     assert verify_signature("s3cret", str(old), body, sign("s3cret", old, body), tolerance_s=600)
     assert not verify_signature("s3cret", "12abc", body, signature)
+
+
+def readme_verify_signature():
+    """The receiver's function as the README prints it (Callbacks section)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"\ndef verify_signature\(.*?\n(?=\n)", readme, re.S)
+    assert match, "the README prints no verify_signature"
+    scope = {"hashlib": hashlib, "hmac": hmac, "time": time}
+    exec(match.group(0), scope)  # our own README's code, as a receiver would paste it
+    return scope["verify_signature"]
+
+
+def test_hostile_headers_make_verify_false_never_raise_here_and_in_the_readme() -> None:
+    body, now = b'{"id":"j"}', int(time.time())
+    good = sign("s3cret", now, body)
+    hostile = [  # (timestamp, signature) as a receiver may get them from anyone
+        ("\u00b2", good),  # "²".isdigit() is True, int("²") raises
+        ("\u0661\u0662", good),  # Arabic-Indic digits: decimal, not ASCII
+        (f"{now}\u00b2", good),
+        (" " + str(now), good),
+        ("", good),
+        (str(now), "sha256=\u00e9" + good[8:]),  # compare_digest refuses non-ASCII str
+        (str(now), "\udc80"),
+        (str(now), ""),
+    ]
+    for verify in (verify_signature, readme_verify_signature()):
+        for stamp, signature in hostile:
+            assert verify("s3cret", stamp, body, signature) is False, (verify, stamp, signature)
+        assert verify("s3cret", str(now), body, good) is True, verify
 
 
 # --------------------------------------------------------------------------- at creation
@@ -535,3 +576,132 @@ def test_a_receiver_that_never_answers_fails_within_the_bounded_time(
     assert state["attempts"] >= 2
     # 3 s of retries, then the last attempt's 0.5 s and the scheduling around it
     assert elapsed < 3 + 0.5 + 4, elapsed
+
+
+# ------------------------------------------------- bounded time, and one address per attempt
+
+
+@SQLITE_ONLY
+def test_a_callback_past_its_bounded_time_is_failed_not_sent(
+    client, db_sessions, settings, receiver
+) -> None:
+    """Its attempts never recorded an outcome (a hanging receiver, a killed worker): the
+    sweeper's resend finds CXR_CALLBACK_MAX_SECONDS spent and fails it."""
+    job_id = ended_job(client, receiver.url())
+    long_ago = utcnow() - dt.timedelta(seconds=settings.callback_max_seconds + 1)
+    with db_sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(callback_due_at=long_ago, callback_next_at=utcnow(), callback_attempts=3)
+        )
+    outcome = deliver_callback(job_id, db_sessions, settings, callback_session())
+    assert outcome == (CallbackStatus.FAILED, None)
+    job = callback_of(db_sessions, job_id)
+    assert (job.callback_error_code, job.callback_attempts) == (TIMEOUT, 3)
+    assert receiver.requests == []
+
+
+class Trickler:
+    """A receiver that answers one header line every 0.2 s and never ends its answer: no read
+    waits long enough for CXR_CALLBACK_TIMEOUT."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not self.stop.wait(0.2):
+                conn.sendall(b"X-Wait: 1\r\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.close()
+
+
+@SQLITE_ONLY
+def test_an_attempt_cut_off_by_the_soft_time_limit_counts_as_a_timeout(
+    client, db_sessions, settings
+) -> None:
+    """Celery's soft time limit raises SoftTimeLimitExceeded from a signal handler in the
+    middle of the POST; here SIGALRM's handler does the same after 1 s."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def soft_limit(*_args: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    trickler = Trickler()
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        job_id = ended_job(client, f"http://127.0.0.1:{trickler.port}/hook")
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        outcome = deliver_callback(job_id, db_sessions, settings, callback_session())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        trickler.close()
+    assert outcome.status == CallbackStatus.PENDING
+    assert outcome.retry_in is not None  # retried, within CXR_CALLBACK_MAX_SECONDS
+    job = callback_of(db_sessions, job_id)
+    assert (job.callback_error_code, job.callback_attempts) == (TIMEOUT, 1)
+
+
+class Dropper:
+    """Reads a request on ``host``:``port`` and closes the connection without answering."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.server = socket.create_server((host, port))
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                with conn:
+                    if conn.recv(65536):
+                        self.requests += 1
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@SQLITE_ONLY
+def test_the_next_address_is_tried_only_when_this_one_was_never_connected_to(
+    client, db_sessions, settings, receiver
+) -> None:
+    """A connection dropped after the request went out: the receiver may have acted on it, so
+    the attempt ends there; a refused connection sent nothing: the next address gets it."""
+    loopback = dataclasses.replace(settings, callback_allowed_hosts="127.0.0.0/8")
+    url = f"http://hooks.example.org:{receiver.port}/hook"
+    try:
+        dropper = Dropper("127.0.0.2", receiver.port)
+    except OSError:
+        pytest.skip("127.0.0.2 cannot be bound here (the loopback is not 127/8)")
+    try:
+        dropped = ended_job(client, url)
+        outcome = deliver_callback(
+            dropped,
+            db_sessions,
+            loopback,
+            callback_session(),
+            resolving_to("127.0.0.2", "127.0.0.1"),
+        )
+    finally:
+        dropper.close()
+    assert outcome.status == CallbackStatus.PENDING
+    assert callback_of(db_sessions, dropped).callback_error_code == CONNECTION_FAILED
+    assert (dropper.requests, receiver.requests) == (1, [])
+
+    refused = ended_job(client, url)  # nothing listens on 127.0.0.3 at that port
+    outcome = deliver_callback(
+        refused, db_sessions, loopback, callback_session(), resolving_to("127.0.0.3", "127.0.0.1")
+    )
+    assert outcome.status == CallbackStatus.DELIVERED
+    assert len(receiver.requests) == 1

@@ -28,7 +28,7 @@ from shared.dicomweb import (
     retrieve_instance_metadata,
 )
 from shared.model_store import ModelInfo, read_model_info
-from shared.models import Image, ImageStatus, PacsDelivery, Result
+from shared.models import Chunk, ChunkStatus, Image, ImageStatus, PacsDelivery, Result
 from shared.queue import PACS_QUEUE, enqueue_chunks, make_celery
 from shared.redis_server import free_port
 from shared.settings import DEFAULT_MODEL_PATH, Settings
@@ -109,8 +109,10 @@ def scored_image(
 ) -> str:
     """An image as a worker leaves it after scoring a DICOM input: completed, with its result,
     its source's UIDs, and its report owed to the PACS."""
-    _, _, (image_id,) = make_job(sessions, blobs, [png_bytes(1)])
+    _, (chunk_id,), (image_id,) = make_job(sessions, blobs, [png_bytes(1)])
     with sessions.begin() as session:
+        # its chunk is done too, as the worker leaves it (a queued one would be dispatched)
+        session.execute(update(Chunk).where(Chunk.id == chunk_id).values(status=ChunkStatus.DONE))
         set_source(
             session,
             image_id,

@@ -138,6 +138,8 @@ def test_the_readme_documents_every_setting() -> None:
 
 
 def test_keda_scales_workers_on_the_chunk_queue() -> None:
+    """The Redis list is kept shallow by the fair dispatcher: KEDA reads the backlog that
+    /metrics exports instead (broker messages plus chunks not yet dispatched)."""
     import re
 
     from shared.queue import QUEUE
@@ -147,9 +149,10 @@ def test_keda_scales_workers_on_the_chunk_queue() -> None:
     assert doc["kind"] == "ScaledObject"
     assert doc["spec"]["scaleTargetRef"]["kind"] == "Deployment"
     (trigger,) = doc["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == QUEUE
-    assert int(trigger["metadata"]["listLength"]) >= 1
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["serverAddress"].startswith("http")
+    assert f'cxr_queue_depth{{queue="{QUEUE}"}}' in trigger["metadata"]["query"]
+    assert int(trigger["metadata"]["threshold"]) >= 1
     grace = re.search(r"terminationGracePeriodSeconds:\s*(\d+)", path.read_text())
     assert grace, "the ScaledObject must document the worker's termination grace period"
     assert int(grace.group(1)) >= Settings().task_time_limit
@@ -161,3 +164,14 @@ def test_compose_has_flower_on_the_broker() -> None:
     assert flower["image"].startswith("mher/flower")
     assert flower["environment"]["CELERY_BROKER_URL"] == "redis://redis:6379/0"
     assert "CXR_METRICS_PORT" in services["worker"]["environment"]
+
+
+def test_compose_restarts_every_long_running_service() -> None:
+    """The compose file's counterpart of `cxr serve`'s supervisor: a part that exits comes back."""
+    services = compose()["services"]
+    long_running = [name for name, svc in services.items() if svc.get("restart") != "no"]
+    assert {"api", "worker", "sweeper", "redis", "postgres"} <= set(long_running)
+    for name in long_running:
+        if name == "flower":  # a dashboard: nothing is lost while it is away
+            continue
+        assert services[name].get("restart") == "unless-stopped", name

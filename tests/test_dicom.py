@@ -73,6 +73,8 @@ class NoSegmenter:
     def find(self, *args, **kwargs):
         raise AssertionError("the image was decoded and segmented")
 
+    find_many = find
+
 
 # --------------------------------------------------------------------------- format and header
 

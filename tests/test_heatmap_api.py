@@ -1,6 +1,7 @@
 """``GET /v1/images/{id}/heatmap.png``: rendered once by a real worker, then served from the blob
-store; 409 for an image without a score, 404 for another client's image, and a film that cannot
-be read any more costs no worker."""
+store and never cached by the browser; 409 for an image without a score, 404 for another
+client's image, and a film that cannot be read any more costs no worker and answers 409
+``heatmap_unavailable`` until its failure marker ends."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import redis as redis_lib
 import requests
 
 from shared.model_store import Classifier, read_model_info
-from shared.queue import HEATMAP_RETRY_SECONDS, heatmap_name
+from shared.queue import (
+    HEATMAP_FAILED_SECONDS,
+    PACS_QUEUE,
+    heatmap_failed,
+    heatmap_name,
+    heatmap_rendered,
+    make_celery,
+)
 from shared.storage import LocalBlobStore
 from tests.dicom_factory import mono8
 from tests.factories import (
@@ -21,6 +29,7 @@ from tests.factories import (
     make_key,
     png_bytes,
     post_files,
+    score,
     submit,
     submit_http,
     truncated,
@@ -68,7 +77,7 @@ def test_a_heat_map_is_rendered_once_then_served_from_the_cache(
 
     done = wait_for(rendered, 120, "the heat map", interval=0.5)
     assert done.headers["Content-Type"] == "image/png"
-    assert done.headers["Cache-Control"].startswith("private")
+    assert done.headers["Cache-Control"] == "no-store"
     picture = cv2.imdecode(np.frombuffer(done.content, np.uint8), cv2.IMREAD_COLOR)
     assert picture.shape[:2] == (1024, 731)  # the film's 1400 x 1000, long side 1024
     assert picture.shape[0] / picture.shape[1] == pytest.approx(1400 / 1000, rel=0.01)
@@ -96,11 +105,12 @@ def test_a_film_that_cannot_be_read_any_more_clears_its_marker_and_spares_the_wo
     assert http.get(url, timeout=30).status_code == 202
     wait_for(lambda: "heat map failed (BlobCorruptError)" in worker.log(), 60, "the failure")
     model_version = read_model_info(settings.model_path).version
-    marker = f"cxr:heatmap-pending:{heatmap_name(image_id, model_version)}"
-    assert 0 < redis_lib.Redis.from_url(redis_url).ttl(marker) <= HEATMAP_RETRY_SECONDS
+    marker = f"cxr:heatmap-failed:{heatmap_name(image_id, model_version)}"
+    assert 0 < redis_lib.Redis.from_url(redis_url).ttl(marker) <= HEATMAP_FAILED_SECONDS
     assert worker.alive
     assert RENDERED not in worker.log()
-    assert http.get(url, timeout=30).status_code == 202  # a later GET after the TTL retries
+    answer = http.get(url, timeout=30)  # not "pending" for ever: said, and no task sent
+    assert (answer.status_code, answer.json()["error"]["code"]) == (409, "heatmap_unavailable")
 
 
 def test_an_image_without_a_score_answers_409(client) -> None:
@@ -148,3 +158,57 @@ def test_a_dicom_film_gets_the_heat_map_of_the_same_film_as_png(
     assert keys[0] == keys[1]
     picture = cv2.imdecode(np.frombuffer(blobs.get(keys[0]), np.uint8), cv2.IMREAD_COLOR)
     assert picture.shape == (300, 256, 3)
+
+
+def _scored(client, db_sessions, settings) -> tuple[str, str]:
+    """An image of the test client scored by the model the API serves (no worker here):
+    returns its id and that model's version."""
+    version = read_model_info(settings.model_path).version
+    (image,) = submit(client, [("film.png", png_bytes(4))])["images"]
+    score(db_sessions, image["id"], version)
+    return image["id"], version
+
+
+def _pacs_queue_length(redis_url: str) -> int:
+    return redis_lib.Redis.from_url(redis_url).llen(PACS_QUEUE)
+
+
+@SQLITE_ONLY
+def test_a_stored_heat_map_is_never_cached_by_the_browser(client, db_sessions, settings) -> None:
+    image_id, version = _scored(client, db_sessions, settings)
+    key = LocalBlobStore(settings.blob_path).put(png_bytes(5))
+    heatmap_rendered(make_celery(settings), image_id, version, key)
+    resp = client.get(f"/v1/images/{image_id}/heatmap.png")
+    assert resp.status_code == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert "ETag" not in resp.headers
+    assert "Last-Modified" not in resp.headers
+
+
+@SQLITE_ONLY
+def test_a_failed_rendering_answers_409_without_a_task_until_its_marker_ends(
+    client, db_sessions, settings, redis_url
+) -> None:
+    image_id, version = _scored(client, db_sessions, settings)
+    url = f"/v1/images/{image_id}/heatmap.png"
+    store = redis_lib.Redis.from_url(redis_url)
+    store.delete(PACS_QUEUE)
+    assert client.get(url).status_code == 202
+    assert _pacs_queue_length(redis_url) == 1  # the rendering, asked for once
+    heatmap_failed(make_celery(settings), image_id, version)  # what the worker records
+    for _ in range(3):  # a page polling it: told at once, every time, and nothing enqueued
+        resp = client.get(url)
+        assert resp.status_code == 409
+        assert resp.get_json()["error"]["code"] == "heatmap_unavailable"
+    assert _pacs_queue_length(redis_url) == 1
+    marker = f"cxr:heatmap-failed:{heatmap_name(image_id, version)}"
+    assert HEATMAP_FAILED_SECONDS - 5 < store.ttl(marker) <= HEATMAP_FAILED_SECONDS
+    store.delete(marker)  # as when its TTL runs out
+    assert client.get(url).status_code == 202
+    assert _pacs_queue_length(redis_url) == 2  # asked again
+
+
+def test_the_heat_map_failure_is_described_in_openapi(client) -> None:
+    spec = client.get("/openapi.json").get_json()
+    answers = spec["paths"]["/v1/images/{image_id}/heatmap.png"]["get"]["responses"]
+    assert "heatmap_unavailable" in answers["409"]["description"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import cv2
@@ -264,10 +265,13 @@ def queue_length(redis_url: str) -> int:
 
 
 def test_sweeper_enqueues_chunks_whose_send_failed(stack, settings, redis_url) -> None:
+    """Undispatched chunks are the dispatcher's: the sweeper dispatches them in their turn
+    (oldest job first), up to CXR_DISPATCH_DEPTH waiting messages."""
     sessions, blobs, _ = stack
+    settings = dataclasses.replace(settings, dispatch_depth=1)
     old = utcnow() - dt.timedelta(seconds=settings.enqueue_grace_seconds + 5)
     _, (stranded,), _ = make_job(sessions, blobs, [png_bytes(1)], created_at=old)
-    _, (fresh,), _ = make_job(sessions, blobs, [png_bytes(2)])  # within the grace period
+    _, (fresh,), _ = make_job(sessions, blobs, [png_bytes(2)])  # the newer job: not yet
     assert sweep(make_celery(settings), sessions, settings) == 1
     assert queue_length(redis_url) == 1
     with sessions() as session:

@@ -17,9 +17,10 @@ from api import create_app
 from api.openapi import UNDESCRIBED_BLUEPRINTS
 from api.ui import CONTENT_SECURITY_POLICY
 from shared.auth import revoke
-from shared.models import ApiKey
+from shared.models import TERMINAL_IMAGE, ApiKey, Image
 from shared.redis_server import free_port
 from shared.settings import load_settings
+from shared.storage import LocalBlobStore
 from tests.factories import bearer, make_key, png_bytes, post_files, submit, with_key
 
 HOSTILE = "<script>alert(1)</script>.png"
@@ -142,6 +143,30 @@ def test_sign_in_never_redirects_to_another_site(app, api_key) -> None:
         client = app.test_client()
         resp = sign_in(client, api_key, next_page=target)
         assert client.get(resp.headers["Location"]).headers["Location"] == "/"
+
+
+#: Pages on another site once a browser has dropped tabs and newlines or read "\\" as "/",
+#: and values no header may carry (CR, LF): each goes to the jobs page, never answers 500.
+HOSTILE_NEXT = (
+    "/\t/evil.example",
+    "/\r",
+    "/\n/evil.example",
+    "/\\evil.example",
+    "//evil.example",
+    "/\u00e9vil",
+    "/\u2215evil.example",
+    "/a b",
+)
+
+
+def test_sign_in_redirects_a_hostile_next_to_the_jobs_page(app, api_key, reader) -> None:
+    for target in HOSTILE_NEXT:
+        client = app.test_client()
+        landing = client.get(sign_in(client, api_key, next_page=target).headers["Location"])
+        assert (landing.status_code, landing.headers["Location"]) == (303, "/"), repr(target)
+        again = reader.get("/signin", query_string={"next": target})  # signed in already
+        assert (again.status_code, again.headers["Location"]) == (303, "/"), repr(target)
+    assert reader.get("/signin?next=/jobs/x%3Fy").headers["Location"] == "/jobs/x?y"
 
 
 def test_the_session_cookie_reads_the_api(reader, job) -> None:
@@ -280,3 +305,91 @@ def test_sessions_unavailable_answer_503(service_env, api_key) -> None:
     resp = client.get(f"/v1/jobs/{uuid.uuid4()}")
     assert resp.status_code == 503
     assert resp.get_json()["error"]["code"] == "session_store_unavailable"
+
+
+def test_the_film_is_never_cached_by_the_browser(client) -> None:
+    job = submit(client, [("a.png", png_bytes(6))])
+    resp = client.get(f"/v1/images/{job['images'][0]['id']}/film.png")
+    assert resp.status_code == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert "ETag" not in resp.headers
+    assert "Last-Modified" not in resp.headers
+
+
+def test_a_film_missing_or_damaged_in_the_store_answers_409(client, db_sessions, settings) -> None:
+    job = submit(client, [("gone.png", png_bytes(7)), ("damaged.png", png_bytes(8))])
+    store = LocalBlobStore(settings.blob_path)
+    with db_sessions() as session:
+        keys = [session.get(Image, image["id"]).blob_key for image in job["images"]]
+    store._path(keys[0]).unlink()
+    store._path(keys[1]).write_bytes(b"not what was stored")
+    for image in job["images"]:
+        resp = client.get(f"/v1/images/{image['id']}/film.png")
+        assert resp.status_code == 409, image["filename"]
+        assert resp.get_json()["error"]["code"] == "image_unreadable"
+
+
+def cross_site_post(test_client, origin: str | None, **headers: str):
+    files = [("a.png", png_bytes(9))]
+    if origin is not None:
+        headers["Origin"] = origin
+    return post_files(test_client, files, headers=headers)
+
+
+def test_a_post_from_another_site_is_refused_without_authentication(service_env) -> None:
+    """With no keys a browser on any site could otherwise submit through a form."""
+    app = create_app(load_settings({**service_env, "CXR_AUTH_DISABLED": "true"}))
+    client = app.test_client()
+    for origin in ("https://evil.example", "null", "http://localhost.evil.example"):
+        resp = cross_site_post(client, origin)
+        assert resp.status_code == 403, origin
+        assert resp.get_json()["error"]["code"] == "csrf_failed"
+    assert cross_site_post(client, None).status_code == 202  # curl, a server
+    assert cross_site_post(client, "http://localhost").status_code == 202  # this site's page
+    read = client.get(f"/v1/jobs/{uuid.uuid4()}", headers={"Origin": "https://evil.example"})
+    assert read.status_code == 404  # reads are not refused: only writes change anything
+    behind_tls = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "cxr.ward.example"}
+    assert cross_site_post(client, "https://cxr.ward.example", **behind_tls).status_code == 202
+
+
+def test_a_post_from_another_site_is_refused_whatever_its_credentials(reader, api_key) -> None:
+    token = page_token(reader.get("/upload").get_data(as_text=True))
+    for headers in ({"X-CSRF-Token": token}, bearer(api_key)):
+        resp = cross_site_post(reader, "https://evil.example", **headers)
+        assert resp.status_code == 403, headers
+        assert resp.get_json()["error"]["code"] == "csrf_failed"
+        assert cross_site_post(reader, "http://localhost", **headers).status_code == 202
+
+
+def test_the_job_page_polls_the_summary_alone(reader, job) -> None:
+    script = reader.get("/static/job.js").get_data(as_text=True)
+    polls = re.findall(r"jobUrl \+ \"\?per_page=(\d+)\"", script)
+    assert polls == ["0"]
+    resp = reader.get(f"/v1/jobs/{job['id']}?per_page=0")
+    assert resp.get_json()["images"] == []
+
+
+def test_the_image_page_reads_the_terminal_statuses_from_the_page(reader, job) -> None:
+    html = reader.get(f"/images/{job['images'][0]['id']}").get_data(as_text=True)
+    match = re.search(r'data-terminal-statuses="([^"]*)"', html)
+    assert match, "the page does not carry the terminal statuses"
+    assert set(match.group(1).split()) == {s.value for s in TERMINAL_IMAGE}
+    script = reader.get("/static/image.js").get_data(as_text=True)
+    assert "terminalStatuses" in script
+    assert not re.search(r'"(completed|failed|skipped)"', script)  # none typed in the script
+
+
+def test_an_admin_sees_every_clients_job_and_image(app, db_sessions, job) -> None:
+    admin = app.test_client()
+    sign_in(admin, make_key(db_sessions, "ops", is_admin=True))
+    image_id = job["images"][1]["id"]
+    assert job["id"] in admin.get("/").get_data(as_text=True)
+    for path in (f"/jobs/{job['id']}", f"/images/{image_id}", f"/v1/jobs/{job['id']}"):
+        assert admin.get(path).status_code == 200, path
+    for path in (f"/v1/images/{image_id}", f"/v1/images/{image_id}/film.png"):
+        assert admin.get(path).status_code == 200, path
+    other = app.test_client()
+    sign_in(other, make_key(db_sessions, "other-hospital"))
+    assert job["id"] not in other.get("/").get_data(as_text=True)
+    assert other.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert other.get(f"/v1/images/{image_id}").status_code == 404

@@ -1,6 +1,7 @@
 """Delivering a job's signed callback: one POST of the job summary to the client's URL, retried
 with Celery's backoff until it is answered with a 2xx or ``CXR_CALLBACK_MAX_SECONDS`` have
-passed since the job ended.
+passed since the job ended (checked again before each attempt, so a callback whose attempts
+never recorded an outcome ends too).
 
 Invariant: a callback leaves ``pending`` once, by a conditional UPDATE, for ``delivered`` or
 ``failed``, and a callback no longer pending is never sent again.  Each attempt is claimed
@@ -26,10 +27,12 @@ from typing import Any, NamedTuple
 
 import requests
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from requests.adapters import HTTPAdapter
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from urllib3.exceptions import NewConnectionError
 
 from shared.callbacks import (
     ATTEMPT_HEADER,
@@ -62,7 +65,9 @@ from worker.resources import per_process
 log = logging.getLogger(__name__)
 
 # Why a callback is still pending (retried) or failed: ``callback.error_code`` on the job.
-TIMEOUT = "callback_timeout"  # no answer in CXR_CALLBACK_TIMEOUT: retried
+# no answer in CXR_CALLBACK_TIMEOUT, or an attempt cut off by the task's soft time limit:
+# retried; also the code of a callback whose CXR_CALLBACK_MAX_SECONDS ran out unrecorded
+TIMEOUT = "callback_timeout"
 CONNECTION_FAILED = "callback_connection_failed"  # refused, reset, unreachable: retried
 TLS_FAILED = "callback_tls_failed"  # handshake or certificate: retried
 DNS_FAILED = "callback_dns_failed"  # the name does not resolve: retried
@@ -71,8 +76,10 @@ REJECTED = "callback_rejected"  # a 3xx or another 4xx: the receiver said no, no
 INTERNAL_ERROR = "internal_error"  # a bug in the delivery: not retried
 #: Answers worth another try besides 5xx: the receiver was too slow or too busy.
 RETRIED_STATUSES = frozenset({408, 429})
-#: At most this many of a name's addresses are tried in one attempt (connect failures only),
-#: so an attempt lasts at most (this + 1) x CXR_CALLBACK_TIMEOUT, well within the task.
+#: At most this many of a name's addresses are tried in one attempt (connect failures only).
+#: CXR_CALLBACK_TIMEOUT bounds each connect and each read of the answer, not the whole answer:
+#: a receiver that trickles its headers out is cut off by the task's soft time limit, and that
+#: attempt counts as a timeout like any other.
 MAX_ADDRESSES = 2
 #: Workers' clocks differ a little: an attempt scheduled for now is not early by this much.
 CLOCK_SLACK = dt.timedelta(seconds=2)
@@ -143,9 +150,37 @@ def payload(session: Session, job: Job) -> bytes:
     return json.dumps(summary, separators=(",", ":")).encode("utf-8")
 
 
+def _expire(session: Session, job_id: str, settings: Settings) -> bool:
+    """Fail a callback that may be attempted now but whose CXR_CALLBACK_MAX_SECONDS have run
+    out (attempts that never recorded an outcome: a worker killed in one, a lost message),
+    keeping its last error's code (``callback_timeout`` when none was recorded)."""
+    now = utcnow()
+    expired = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.callback_status == CallbackStatus.PENDING,
+            Job.callback_due_at < now - dt.timedelta(seconds=settings.callback_max_seconds),
+            Job.callback_next_at <= now + CLOCK_SLACK,
+        )
+        .values(
+            callback_status=CallbackStatus.FAILED,
+            callback_error_code=func.coalesce(Job.callback_error_code, TIMEOUT),
+            callback_next_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if expired:
+        log.warning("job %s: callback failed: CXR_CALLBACK_MAX_SECONDS ran out", job_id)
+    return bool(expired)
+
+
 def _claim(session: Session, job_id: str, settings: Settings) -> _Attempt | None:
-    """Count an attempt if one may start now (due, pending, none in flight or scheduled later),
-    pushing the next one past the task time limit; None otherwise."""
+    """Count an attempt if one may start now (due, pending, none in flight or scheduled later,
+    its bounded time not spent), pushing the next one past the task time limit; None
+    otherwise."""
+    if _expire(session, job_id, settings):
+        return None
     now = utcnow()
     changed = session.execute(
         update(Job)
@@ -221,18 +256,37 @@ def _send(
     failed = _Result(CONNECTION_FAILED, retry=True)
     for address in addresses[:MAX_ADDRESSES]:
         try:
-            return _post(http, target, address, headers, attempt.body, settings.callback_timeout)
-        except requests.exceptions.SSLError:
-            return _Result(TLS_FAILED, retry=True)
-        except requests.exceptions.ConnectTimeout:
-            failed = _Result(TIMEOUT, retry=True)  # never connected: the next address may
-        except requests.exceptions.ConnectionError:
-            failed = _Result(CONNECTION_FAILED, retry=True)
-        except requests.exceptions.Timeout:  # sent, no answer: it may have acted, so stop
-            return _Result(TIMEOUT, retry=True)
-        except requests.exceptions.RequestException:
-            return _Result(CONNECTION_FAILED, retry=True)
+            return _post(
+                http, target, address, headers, attempt.body, settings.callback_attempt_timeout
+            )
+        except requests.exceptions.RequestException as exc:
+            failed, next_address = _failure(exc)
+            if not next_address:
+                break
     return failed
+
+
+def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
+    """A new connection that failed (refused, unreachable): nothing was sent.  requests wraps
+    urllib3's NewConnectionError in a MaxRetryError; a connection reset or closed after the
+    request went out is a ProtocolError instead."""
+    cause = exc.args[0] if exc.args else None
+    return isinstance(getattr(cause, "reason", cause), NewConnectionError)
+
+
+def _failure(exc: requests.exceptions.RequestException) -> tuple[_Result, bool]:
+    """What a failed POST counts as, and whether the name's next address may be tried: only
+    when this one was never connected to.  Once the request may have gone out the receiver may
+    have acted on it, so the attempt ends there (and is retried later, as a whole)."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return _Result(TLS_FAILED, retry=True), False
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return _Result(TIMEOUT, retry=True), True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return _Result(CONNECTION_FAILED, retry=True), _never_connected(exc)
+    if isinstance(exc, requests.exceptions.Timeout):  # sent, no answer in time
+        return _Result(TIMEOUT, retry=True), False
+    return _Result(CONNECTION_FAILED, retry=True), False
 
 
 def next_wait(attempt: int, due_at: dt.datetime, settings: Settings) -> float | None:
@@ -320,7 +374,10 @@ def deliver_callback(
         attempt = _claim(session, job_id, settings)
     if attempt is None:
         return CallbackOutcome(_state(sessions, job_id))
-    result = _send(http, job_id, attempt, settings, resolve)
+    try:
+        result = _send(http, job_id, attempt, settings, resolve)
+    except SoftTimeLimitExceeded:  # a receiver that never finishes its answer: a timeout
+        result = _Result(TIMEOUT, retry=True)
     return _record(sessions, job_id, attempt, result, settings)
 
 

@@ -2,9 +2,10 @@
 
 Invariant: every retrieved instance goes through the same door as an upload
 (:func:`shared.ingest.ingest`: de-identified before storage) and becomes an image planned and
-committed in batches, each enqueued after its commit, so a crash loses at most the batch in
-hand; a re-run skips the instances the job already holds, so it never stores one twice.  Only
-CR and DX series are retrieved: a CT study is not pulled slice by slice to be skipped.
+committed in batches, each dispatched after its commit (shared/dispatch.py: in its turn with
+every client's chunks), so a crash loses at most the batch in hand; a re-run skips the
+instances the job already holds, so it never stores one twice.  Only CR and DX series are
+retrieved: a CT study is not pulled slice by slice to be skipped.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import utcnow
 from shared.dicomweb import retrieve_part10, search
+from shared.dispatch import dispatch
 from shared.ingest import ingest
 from shared.models import Image, Job, PullStatus
 from shared.planning import plan_job
-from shared.queue import enqueue_chunks
 from shared.settings import Settings
 from shared.storage import BlobStore
 
@@ -83,7 +84,7 @@ def _commit_batch(
         session.add_all(plan.chunks)
         session.flush()
         session.add_all(plan.images)
-    enqueue_chunks(celery, sessions, plan.chunk_ids)
+    dispatch(celery, sessions, settings)
 
 
 def end_pull(sessions: sessionmaker[Session], job_id: str, status: PullStatus, code=None) -> bool:

@@ -1,12 +1,18 @@
 """The sweeper: finds chunks that fell through the cracks and enqueues them again.
 
-* queued chunks never stamped ``enqueued_at`` (the send failed after the commit);
-* running chunks whose lease expired (the worker died, timed out, or gave up retrying);
-* queued chunks whose message vanished (Redis restarted without persistence): when the broker
-  queue and its unacked set are both empty, any chunk still queued after the grace period
-  cannot be waiting for a worker;
-* queued chunks sent longer ago than the visibility timeout, whatever the broker says (their
-  message was lost while the broker stayed busy);
+Queued chunks that were never dispatched (``enqueued_at`` NULL) are normal: they wait in the
+database for their turn (shared/dispatch.py).  Every sweep dispatches, like the API after a
+commit and the worker after a chunk, so they move even when neither runs (the API's send failed
+after the commit, Redis was away, every worker was idle).  Besides that, the sweeper handles:
+
+* running chunks whose lease expired (the worker died, timed out, or gave up retrying): they go
+  back to queued and undispatched, and are dispatched in their turn;
+* dispatched chunks whose message vanished (Redis restarted without persistence): when the
+  broker queue and its unacked set are both empty, a chunk still queued more than
+  ``CXR_ENQUEUE_GRACE_SECONDS`` after it was dispatched cannot be waiting for a worker: it is
+  sent again at once (its turn came already);
+* dispatched chunks sent longer ago than the visibility timeout, whatever the broker says (their
+  message was lost while the broker stayed busy): sent again at once too;
 * report deliveries still ``pending`` with no attempt for longer than ``lease_seconds`` (since
   the image was scored, or since its last attempt, which every attempt stamps first): their
   message was never sent or was lost.  Only while the report queue is empty (else they may be
@@ -33,6 +39,7 @@ from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import utcnow
+from shared.dispatch import dispatch
 from shared.models import Chunk, ChunkStatus, Image, Job, PacsDelivery, PullStatus
 from shared.queue import PACS_QUEUE, QUEUE, enqueue_chunks, enqueue_deliveries, enqueue_pull
 from shared.settings import Settings
@@ -143,51 +150,53 @@ def sweep_pulls(celery: Celery, session_factory: sessionmaker[Session], settings
 def stranded_conditions(
     settings: Settings, broker_idle: bool, now: dt.datetime
 ) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
-    """(running chunks past their lease, queued chunks to send again): what the sweeper picks."""
+    """(running chunks past their lease, dispatched chunks whose message was lost): what the
+    sweeper picks.  Undispatched chunks are neither: they wait for their turn."""
     grace = now - dt.timedelta(seconds=settings.enqueue_grace_seconds)
     lost = now - dt.timedelta(seconds=settings.visibility_timeout)
     expired = (Chunk.status == ChunkStatus.RUNNING) & (Chunk.lease_expires_at < now)
     queued = Chunk.status == ChunkStatus.QUEUED
-    conditions = [
-        queued & Chunk.enqueued_at.is_(None) & (Chunk.created_at < grace),
-        queued & (Chunk.enqueued_at < lost),
-    ]
+    conditions = [queued & (Chunk.enqueued_at < lost)]
     if broker_idle:
         conditions.append(queued & (Chunk.enqueued_at < grace))
     return expired, or_(*conditions)
 
 
 def count_stranded(session: Session, settings: Settings, broker_idle: bool) -> tuple[int, int]:
-    """Read-only: (running chunks past their lease, queued chunks the next sweep sends again)."""
+    """Read-only: (running chunks past their lease, dispatched chunks the next sweep sends
+    again)."""
     expired, resend = stranded_conditions(settings, broker_idle, utcnow())
     count = select(func.count()).select_from(Chunk)
     return session.scalar(count.where(expired)) or 0, session.scalar(count.where(resend)) or 0
 
 
 def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> list[str]:
-    """Ids of chunks to send again; running chunks past their lease are reset to queued."""
+    """Ids of dispatched chunks whose message was lost (to send again at once); running chunks
+    past their lease are reset to queued and undispatched (the dispatcher sends them)."""
     expired_now, resend = stranded_conditions(settings, broker_idle, utcnow())
-    expired = session.scalars(
+    session.execute(
         update(Chunk)
         .where(expired_now)
         .values(status=ChunkStatus.QUEUED, enqueued_at=None, lease_expires_at=None)
-        .returning(Chunk.id)
-    ).all()
-    rows = session.scalars(
-        select(Chunk.id).where(resend).order_by(Chunk.created_at).limit(SWEEP_LIMIT)
-    ).all()
-    return list(dict.fromkeys([*expired, *rows]))
+    )
+    return list(
+        session.scalars(
+            select(Chunk.id).where(resend).order_by(Chunk.created_at).limit(SWEEP_LIMIT)
+        ).all()
+    )
 
 
 def sweep(celery: Celery, session_factory: sessionmaker[Session], settings: Settings) -> int:
-    """Re-enqueue stranded chunks, then stranded report deliveries; returns how many chunks
-    were sent (:func:`sweep_deliveries` logs its own count)."""
+    """Send again the chunks whose message was lost, dispatch the next chunks, then sweep
+    report deliveries, pulls and callbacks; returns how many chunks were sent
+    (:func:`sweep_deliveries` logs its own count)."""
     idle = broker_is_idle(celery)
     with session_factory.begin() as session:
         ids = find_stranded(session, settings, idle)
     sent = enqueue_chunks(celery, session_factory, ids) if ids else 0
     if sent:
-        log.warning("sweeper re-enqueued %d stranded chunk(s)", sent)
+        log.warning("sweeper re-enqueued %d chunk(s) whose message was lost", sent)
+    sent += dispatch(celery, session_factory, settings)
     sweep_deliveries(celery, session_factory, settings)
     sweep_pulls(celery, session_factory, settings)
     sweep_callbacks(celery, session_factory, settings, pacs_queue_is_empty(celery))

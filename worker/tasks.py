@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from shared.callbacks import callback_if_ended
 from shared.dicomweb import PacsError, PacsUnavailableError
+from shared.dispatch import dispatch
 from shared.models import PullStatus
 from shared.queue import (
     CALLBACK_TASK,
@@ -61,6 +62,13 @@ DELIVERY_MAX_RETRIES = 10
 # acks_late and reject_on_worker_lost come from the app's config (shared/queue.py)
 @app.task(name=CLASSIFY_TASK, bind=True)
 def classify_chunk(self: Task, chunk_id: str) -> None:
+    try:
+        _classify_chunk(self, chunk_id)
+    finally:  # however it ended, refill the queue before this worker takes its next message
+        dispatch(app, sessions(), get_settings())
+
+
+def _classify_chunk(self: Task, chunk_id: str) -> None:
     settings = get_settings()
     started = time.time()
     try:
@@ -213,8 +221,9 @@ def _heatmap(image_id: str, model_version: str) -> str | None:
 
 
 # On the PACS queue (shared/queue.py routes it).  Never retried and never raised: a failure
-# (the film unreadable, the store or the database away) is logged by its type, and the pending
-# marker ends soon, so a later GET of the heat map asks again.
+# (the film unreadable, the store or the database away) is logged by its type and marked, so
+# the API answers "unavailable" (not "pending" for ever) until the marker ends; a GET after
+# that asks again.
 @app.task(name=HEATMAP_TASK)
 def render_heatmap_task(image_id: str, model_version: str) -> None:
     try:
@@ -228,7 +237,7 @@ def render_heatmap_task(image_id: str, model_version: str) -> None:
     try:
         heatmap_failed(app, image_id, model_version)
     except Exception as exc:
-        log.warning("image %s: heat map marker not cleared (%s)", image_id, type(exc).__name__)
+        log.warning("image %s: heat map failure not marked (%s)", image_id, type(exc).__name__)
 
 
 # On the PACS queue (shared/queue.py routes it).  Retried without a count: deliver_callback
@@ -239,7 +248,10 @@ def deliver_callback_task(self: Task, job_id: str) -> None:
     try:
         outcome = deliver_callback(job_id, sessions(), settings, callback_http())
     except SoftTimeLimitExceeded:
-        log.warning("job %s: callback attempt outlived the task; the sweeper resends it", job_id)
+        # a POST cut off is recorded (a timeout) by deliver_callback: this is the database
+        # too slow around it; the claim runs out, the sweeper resends, and an attempt that
+        # finds CXR_CALLBACK_MAX_SECONDS spent fails the callback instead
+        log.warning("job %s: callback outlived the task; the sweeper resends it", job_id)
         return
     except Exception as exc:
         if is_transient(exc):  # the database: its claim runs out, then the sweeper resends it

@@ -174,7 +174,7 @@
 
   async function poll() {
     for (;;) {
-      const job = await CXR.getJSON(jobUrl + "?per_page=1");
+      const job = await CXR.getJSON(jobUrl + "?per_page=0"); // the summary alone
       showSummary(job);
       const done = terminal.has(job.status);
       const changed = finishedCount(job) !== lastFinished;

@@ -24,6 +24,9 @@ window.CXR = (function () {
     database_unavailable: "The server's database is unavailable: try again in a moment.",
     storage_unavailable: "The server's image store is unavailable: try again in a moment.",
     session_store_unavailable: "Sign-in is unavailable for a moment: try again shortly.",
+    image_not_scored: "The film has no score from the model served now, so no heat map.",
+    heatmap_unavailable:
+      "The heat map could not be drawn (the stored film may be unreadable): try again later.",
   };
 
   function csrfToken() {
