@@ -3,7 +3,7 @@
 One command (about 2-3 minutes on 2 cores)::
 
     .venv/bin/python bench/bench_fairness.py [--backlog 2000] [--small 10] [--repeats 5] \
-        [--chunk-size 32] [--workers 1] [--no-fifo]
+        [--chunk-size 16] [--workers 1] [--no-fifo]
 
 It starts ``python -m cli.main serve --workers N`` in a temp dir (its own SQLite, Redis and API
 port: the real API, worker, sweeper and dispatcher) and makes two API keys, clients A and B.
@@ -255,7 +255,12 @@ def main() -> None:
     p.add_argument("--small", type=int, default=10, help="client B's films per job")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--workers", type=int, default=1, help="cxr serve --workers")
-    p.add_argument("--chunk-size", type=int, default=32, help="CXR_CHUNK_SIZE of the stacks")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=Settings().chunk_size,
+        help="CXR_CHUNK_SIZE of the stacks (default: the setting's default)",
+    )
     p.add_argument("--no-fifo", action="store_true", help="skip the first-come baseline")
     args = p.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -55,7 +55,7 @@ class Settings:
     max_zip_ratio: int = 200  # uncompressed / compressed, per zip entry
     max_per_page: int = 500
     # processing
-    chunk_size: int = 32
+    chunk_size: int = 16  # fairness: a new job waits at most for the chunk in hand (README)
     max_attempts: int = 3
     task_time_limit: int = 300  # seconds, hard limit of one chunk task
     visibility_timeout: int = 3600  # seconds; must stay well above task_time_limit
