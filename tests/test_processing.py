@@ -320,6 +320,29 @@ def test_sweeper_recovers_messages_lost_with_redis_only_when_the_queue_is_idle(
     assert queue_length(redis_url) == 1
 
 
+def test_sweeper_resends_at_once_what_a_wiped_broker_lost_even_while_it_is_busy(
+    stack, settings, redis_url
+) -> None:
+    """Redis restarted without persistence under load: the busy queue hides the loss from the
+    idle rule, the lost key does not."""
+    from worker.sweeper import BrokerEpoch
+
+    sessions, blobs, _ = stack
+    celery, epoch = make_celery(settings), BrokerEpoch()
+    old = utcnow() - dt.timedelta(seconds=settings.enqueue_grace_seconds + 5)
+    _, (lost,), _ = make_job(sessions, blobs, [png_bytes(1)], created_at=old, enqueued_at=old)
+    client = redis_lib.Redis.from_url(redis_url)
+    client.lpush(QUEUE, b"the chunk's message")
+    assert sweep(celery, sessions, settings, epoch) == 0  # busy, not wiped: it may be waiting
+    client.flushall()  # Redis lost everything ...
+    client.lpush(QUEUE, b"new work since")  # ... and is busy again at once
+    assert sweep(celery, sessions, settings) == 0  # without the epoch: nothing to tell
+    assert sweep(celery, sessions, settings, epoch) == 1
+    with sessions() as session:
+        assert as_utc(session.get(Chunk, lost).enqueued_at) > old
+    assert sweep(celery, sessions, settings, epoch) == 0  # once
+
+
 def test_two_executions_of_one_chunk_at_once_store_each_result_once(
     stack, settings, classifier
 ) -> None:

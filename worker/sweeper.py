@@ -10,7 +10,9 @@ after the commit, Redis was away, every worker was idle).  Besides that, the swe
 * dispatched chunks whose message vanished (Redis restarted without persistence): when the
   broker queue and its unacked set are both empty, a chunk still queued more than
   ``CXR_ENQUEUE_GRACE_SECONDS`` after it was dispatched cannot be waiting for a worker: it is
-  sent again at once (its turn came already);
+  sent again at once (its turn came already); and, whatever the queue holds, every dispatched
+  chunk still queued as soon as the broker is seen to have lost its data (a key the sweeper
+  keeps there is gone: :class:`BrokerEpoch`);
 * dispatched chunks sent longer ago than the visibility timeout, whatever the broker says (their
   message was lost while the broker stayed busy): sent again at once too;
 * report deliveries still ``pending`` with no attempt for longer than ``lease_seconds`` (since
@@ -31,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +44,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import utcnow
 from shared.dispatch import dispatch
 from shared.models import Chunk, ChunkStatus, Image, Job, PacsDelivery, PullStatus
-from shared.queue import PACS_QUEUE, QUEUE, enqueue_chunks, enqueue_deliveries, enqueue_pull
+from shared.queue import (
+    PACS_QUEUE,
+    QUEUE,
+    broker_redis,
+    enqueue_chunks,
+    enqueue_deliveries,
+    enqueue_pull,
+)
 from shared.settings import Settings
 from worker.callbacks import sweep_callbacks
 
@@ -147,8 +157,36 @@ def sweep_pulls(celery: Celery, session_factory: sessionmaker[Session], settings
     )
 
 
+#: A key the sweeper writes in the broker's Redis; its value changes only when Redis lost it.
+EPOCH_KEY = "cxr:broker:epoch"
+
+
+class BrokerEpoch:
+    """Notices that the broker lost its data (Redis restarted without persistence, or was
+    flushed): the key this sweeper saw last time is gone or holds another value.  Every
+    dispatched chunk still queued then lost its message, and is sent again at once, rather
+    than after the visibility timeout (the broker is rarely idle under load).  A false alarm
+    (a restart with AOF that lost the key's last second) only sends a few chunks twice, which
+    processing makes harmless."""
+
+    def __init__(self) -> None:
+        self.seen: bytes | None = None
+
+    def wiped(self, celery: Celery) -> bool:
+        try:
+            with broker_redis(celery) as client:
+                client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
+                now = client.get(EPOCH_KEY)
+        except Exception as exc:  # the broker is away: nothing to tell yet
+            log.warning("cannot read the broker's epoch (%s)", type(exc).__name__)
+            return False
+        changed = self.seen is not None and now != self.seen
+        self.seen = now
+        return changed
+
+
 def stranded_conditions(
-    settings: Settings, broker_idle: bool, now: dt.datetime
+    settings: Settings, broker_idle: bool, now: dt.datetime, broker_wiped: bool = False
 ) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """(running chunks past their lease, dispatched chunks whose message was lost): what the
     sweeper picks.  Undispatched chunks are neither: they wait for their turn."""
@@ -159,6 +197,8 @@ def stranded_conditions(
     conditions = [queued & (Chunk.enqueued_at < lost)]
     if broker_idle:
         conditions.append(queued & (Chunk.enqueued_at < grace))
+    if broker_wiped:  # every message sent before now is gone
+        conditions.append(queued & Chunk.enqueued_at.is_not(None) & (Chunk.enqueued_at < now))
     return expired, or_(*conditions)
 
 
@@ -170,10 +210,12 @@ def count_stranded(session: Session, settings: Settings, broker_idle: bool) -> t
     return session.scalar(count.where(expired)) or 0, session.scalar(count.where(resend)) or 0
 
 
-def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> list[str]:
+def find_stranded(
+    session: Session, settings: Settings, broker_idle: bool, broker_wiped: bool = False
+) -> list[str]:
     """Ids of dispatched chunks whose message was lost (to send again at once); running chunks
     past their lease are reset to queued and undispatched (the dispatcher sends them)."""
-    expired_now, resend = stranded_conditions(settings, broker_idle, utcnow())
+    expired_now, resend = stranded_conditions(settings, broker_idle, utcnow(), broker_wiped)
     session.execute(
         update(Chunk)
         .where(expired_now)
@@ -186,13 +228,22 @@ def find_stranded(session: Session, settings: Settings, broker_idle: bool) -> li
     )
 
 
-def sweep(celery: Celery, session_factory: sessionmaker[Session], settings: Settings) -> int:
+def sweep(
+    celery: Celery,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    epoch: BrokerEpoch | None = None,
+) -> int:
     """Send again the chunks whose message was lost, dispatch the next chunks, then sweep
     report deliveries, pulls and callbacks; returns how many chunks were sent
-    (:func:`sweep_deliveries` logs its own count)."""
+    (:func:`sweep_deliveries` logs its own count).  ``epoch``, kept from one sweep to the next,
+    notices a broker that lost its data."""
+    wiped = epoch.wiped(celery) if epoch is not None else False
+    if wiped:
+        log.warning("the broker lost its data: sending every dispatched chunk again")
     idle = broker_is_idle(celery)
     with session_factory.begin() as session:
-        ids = find_stranded(session, settings, idle)
+        ids = find_stranded(session, settings, idle, wiped)
     sent = enqueue_chunks(celery, session_factory, ids) if ids else 0
     if sent:
         log.warning("sweeper re-enqueued %d chunk(s) whose message was lost", sent)
@@ -213,10 +264,11 @@ def run_forever(settings: Settings, stop: Callable[[], bool] = lambda: False) ->
 
     celery = make_celery(settings, name="cxr-sweeper")
     log.info("sweeper running every %.0f s", settings.sweep_interval)
+    epoch = BrokerEpoch()
     with database(settings.sqlalchemy_url) as sessions:
         while not stop():
             try:
-                sweep(celery, sessions, settings)
+                sweep(celery, sessions, settings, epoch)
             except Exception as exc:  # DB or Redis away: try again next round
                 log.warning("sweep failed (%s)", type(exc).__name__)
             deadline = time.monotonic() + settings.sweep_interval
