@@ -52,9 +52,12 @@ NotFrontalError                 ``not_frontal``                  DICOM ViewPosit
                                                                  decubitus or oblique
 NotChestError                   ``not_chest``                    DICOM BodyPartExamined present and
                                                                  not the chest
+PediatricNotSupportedError      ``pediatric_not_supported``      a child's film: DICOM age under 18,
+                                                                 or recognised as pediatric by the
+                                                                 image check
 ==============================  ===============================  ===================================
 
-The last four are *out of scope* (status ``skipped``, never scored): :class:`OutOfScopeError` and
+The last five are *out of scope* (status ``skipped``, never scored): :class:`OutOfScopeError` and
 its subclasses, whose codes are :data:`OUT_OF_SCOPE_CODES`; every other code is a failure.  A
 DICOM file's header is read first (:mod:`shared.dicom`): what it says about modality, view and
 body part decides before any pixel is decoded; where it says nothing, the lung segmenter decides.
@@ -149,9 +152,23 @@ class NotChestError(OutOfScopeError):
     code = "not_chest"
 
 
+class PediatricNotSupportedError(OutOfScopeError):
+    """A child's film: the model is trained and validated on adults only (MODEL_CARD.md), so a
+    film known (DICOM age) or recognised (the image check) to be pediatric is not scored."""
+
+    code = "pediatric_not_supported"
+
+
 #: Every code that means "skipped, not failed" (training and evaluation compare codes, not types).
 OUT_OF_SCOPE_CODES = frozenset(
-    cls.code for cls in (OutOfScopeError, NotChestRadiographError, NotFrontalError, NotChestError)
+    cls.code
+    for cls in (
+        OutOfScopeError,
+        NotChestRadiographError,
+        NotFrontalError,
+        NotChestError,
+        PediatricNotSupportedError,
+    )
 )
 
 
