@@ -143,7 +143,8 @@ class ErrorCode(StrEnum):
     IMAGE_UNREADABLE = (
         "image_unreadable",
         409,
-        "the stored file cannot be shown as a picture (the image failed; see its error)",
+        "the stored file cannot be shown as a picture (the image failed, or was skipped at "
+        "submission with no film kept; see its error)",
     )
     IMAGE_NOT_SCORED = (
         "image_not_scored",

@@ -28,7 +28,7 @@ import logging
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ from ml.dataset import (
 from ml.metrics import fmt
 from ml.report import report_lines, validation_report
 from shared.imaging import DEFAULT_MAX_PIXELS, PreprocessConfig
-from shared.lungs import DEFAULT_SEGMENTER_PATH, LungSegmenter
+from shared.lungs import DEFAULT_SEGMENTER_PATH, LungSegmenter, scope_net_path
+from shared.model_def import PAPER_ARCHITECTURE, SMALL_ARCHITECTURE
 from shared.model_store import calibrate, sha256_file
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,19 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Recipe:
+    """What is trained, and on what.  The levers after ``schedule`` are measured one at a time
+    on the same cross-validation folds (``cxr cv``, MODEL_CARD.md) and kept only if they help."""
+
     preprocess: PreprocessConfig
     shares: Mapping[str, float] | None  # loss share per weight_group; None: labels balanced
     sources: tuple[str, ...] | None = None  # train only on these (None: all); validate on all
     schedule: Schedule = Schedule()
+    architecture: str = PAPER_ARCHITECTURE  # shared.model_def.ARCHITECTURES
+    augment: str = "basic"  # ml.augment.AUGMENTS
+    sampling: str = "weighted"  # "weighted" (loss shares) or "balanced" (source x label draws)
+    adversary: float = 0.0  # weight of the label-conditioned source-adversarial loss; 0: none
+    seeds: int = 1  # an ensemble of this many networks (seeds seed, seed+1, ...)
+    tta: bool = False  # average each network over test-time shifts and zooms
 
 
 GROUP_SHARES = {
@@ -100,8 +110,30 @@ RECIPES: dict[str, Recipe] = {
         schedule=Schedule(epochs=40, patience=8, warmup_epochs=5, monitor="adult_auc"),
     ),
 }
+_ADULT = RECIPES["lungs-adult"]
+#: the schedule every ``cxr cv`` sweep of issue 17 ran with (MODEL_CARD.md)
+SWEEP_SCHEDULE = Schedule(epochs=30, patience=6, warmup_epochs=5, monitor="adult_auc")
+_SMALL = replace(_ADULT, architecture=SMALL_ARCHITECTURE, schedule=SWEEP_SCHEDULE)
+#: The levers of issue 17, each one change from ``small-adult`` (or, the first, from
+#: ``lungs-adult``): compared on the same folds by ``cxr cv``.
+RECIPES.update(
+    {
+        "small-adult": _SMALL,
+        "small-adult-zscore": replace(
+            _SMALL, preprocess=PreprocessConfig(lung_crop=True, zscore=True)
+        ),
+        "small-adult-clahe": replace(
+            _SMALL, preprocess=PreprocessConfig(lung_crop=True, clahe=True)
+        ),
+        "small-adult-acquisition": replace(_SMALL, augment="acquisition"),
+        "small-adult-balanced": replace(_SMALL, sampling="balanced"),
+        "small-adult-adversarial": replace(_SMALL, adversary=0.3),
+        "small-adult-ensemble": replace(_SMALL, seeds=3, tta=True),
+    }
+)
 DEFAULT_RECIPE = "lungs-adult"
-TARGET_SENSITIVITY = 0.90
+#: The ship rule's sensitivity (ml.shiprule): the shipped threshold is chosen at it too.
+TARGET_SENSITIVITY = 0.85
 
 
 @dataclass
@@ -122,6 +154,9 @@ class TrainOptions:
     hold_out_source: str = ""  # train without this source, validate on all of it
     n_boot: int = 1000
     progress: bool = True
+    # `cxr cv`'s output folder for this recipe: calibration and threshold are then fitted on
+    # its out-of-fold predictions of every training film, not on the early-stopping split
+    cv_dir: Path | None = None
 
 
 @dataclass
@@ -205,7 +240,7 @@ def load(
     cache = None
     if opts.cache_dir is not None:
         cache = ArrayCache(
-            opts.cache_dir, config, segmenter.sha256 if segmenter else "", opts.max_pixels
+            opts.cache_dir, config, segmenter.decision_key if segmenter else "", opts.max_pixels
         )
     loaded = []
     for name, recs in (("fit", splits.fit), ("early-stopping", splits.stop), ("val", splits.val)):
@@ -260,48 +295,82 @@ def _monitor(stop_set: LoadedSet, progress: bool) -> Any:
     return AdultAUC()
 
 
-def _augment(seed: int) -> Any:
-    import keras
+def _targets(recipe: Recipe, records: list[Record]) -> np.ndarray:
+    """(n, 1) labels, or (n, 2) [label, source index] for the adversarial recipes."""
+    y = np.array([r.label for r in records], np.float32)[:, None]
+    if not recipe.adversary:
+        return y
+    names = sorted({r.source for r in records})
+    return np.c_[y, np.array([names.index(r.source) for r in records], np.float32)]
 
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(0.02, fill_mode="constant", seed=seed),  # ~7 deg
-            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
-            keras.layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
-            keras.layers.RandomContrast(0.1, seed=seed),
-        ],
-        name="augment",
-    )  # no flips: the heart is on the left, markers have a side
+
+def _dataset(recipe: Recipe, fit_set: LoadedSet, batch_size: int, seed: int) -> Any:
+    """Shuffled, augmented batches of (x, target, weight); reproducible for a seed."""
+    import tensorflow as tf
+
+    from ml.augment import acquisition, basic
+
+    augment = basic(seed)
+    records = fit_set.records
+    target = _targets(recipe, records)
+    if recipe.sampling == "balanced":
+        # each (source, label) stratum drawn equally often; losses unweighted
+        keys = sorted({(r.source, r.label) for r in records})
+        parts = [
+            tf.data.Dataset.from_tensor_slices(
+                np.array([i for i, r in enumerate(records) if (r.source, r.label) == k], np.int64)
+            )
+            .shuffle(len(records), seed=seed + j, reshuffle_each_iteration=True)
+            .repeat()
+            for j, k in enumerate(keys)
+        ]
+        x_all, t_all = tf.constant(fit_set.x), tf.constant(target)
+        ds = (
+            tf.data.Dataset.sample_from_datasets(parts, [1.0 / len(keys)] * len(keys), seed=seed)
+            .take(len(records))
+            .map(lambda i: (tf.gather(x_all, i), tf.gather(t_all, i), tf.constant(1.0)))
+        )
+    else:
+        weights = sample_weights(records, recipe.shares)
+        ds = tf.data.Dataset.from_tensor_slices((fit_set.x, target, weights)).shuffle(
+            len(records), seed=seed, reshuffle_each_iteration=True
+        )
+    ds = ds.batch(batch_size).enumerate()
+
+    def jitter(step: Any, batch: Any) -> Any:
+        x, t, w = batch
+        x = tf.clip_by_value(augment(x, training=True), 0.0, 1.0)
+        if recipe.augment == "acquisition":
+            x = acquisition(x, tf.stack([tf.constant(seed, tf.int64), step]))
+        return x, t, w
+
+    return ds.map(jitter, num_parallel_calls=1, deterministic=True).prefetch(2)
 
 
 def fit(
-    opts: TrainOptions, recipe: Recipe, fit_set: LoadedSet, stop_set: LoadedSet
+    opts: TrainOptions,
+    recipe: Recipe,
+    fit_set: LoadedSet,
+    stop_set: LoadedSet,
+    seed: int | None = None,
 ) -> tuple[Any, dict[str, list[float]], int]:
-    """Train with early stopping on the recipe's :class:`Schedule`; the adult AUC of the
-    early-stopping split is printed every epoch whatever it watches."""
+    """Train one network with early stopping on the recipe's :class:`Schedule`; the adult AUC
+    of the early-stopping split is printed every epoch whatever it watches.  Returns the plain
+    classifier of the recipe's architecture (an adversarial recipe's heads are dropped)."""
     import keras
-    import tensorflow as tf
 
-    from shared.model_def import build_model
+    from shared.model_def import build
 
-    augment = _augment(opts.seed)
+    seed = opts.seed if seed is None else seed
     plan = opts.schedule or recipe.schedule
-    weights = sample_weights(fit_set.records, recipe.shares)
-    ds = (
-        tf.data.Dataset.from_tensor_slices(
-            (fit_set.x, fit_set.y.astype(np.float32)[:, None], weights)
-        )
-        .shuffle(len(fit_set.records), seed=opts.seed, reshuffle_each_iteration=True)
-        .batch(opts.batch_size)
-        .map(
-            lambda x, y, w: (tf.clip_by_value(augment(x, training=True), 0.0, 1.0), y, w),
-            num_parallel_calls=1,
-            deterministic=True,
-        )
-        .prefetch(2)
-    )
-    model = build_model(seed=opts.seed)
+    ds = _dataset(recipe, fit_set, opts.batch_size, seed)
+    classifier = build(recipe.architecture, seed=seed)
+    model = classifier
+    if recipe.adversary:
+        from ml.adversarial import SourceAdversarial
+
+        n_sources = len({r.source for r in fit_set.records})
+        model = SourceAdversarial(classifier, n_sources, recipe.adversary, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss="binary_crossentropy")
     callbacks: list[Any] = []
     validation = None
@@ -309,6 +378,7 @@ def fit(
         by_auc = plan.monitor == "adult_auc"
         if not by_auc:
             stop_w = sample_weights(stop_set.records, recipe.shares)
+            # labels only: evaluation is the classifier's own loss, heads or not
             validation = (stop_set.x, stop_set.y.astype(np.float32)[:, None], stop_w)
         callbacks.append(_monitor(stop_set, opts.progress))
         callbacks.append(
@@ -331,7 +401,51 @@ def fit(
     stopper = callbacks[-1] if callbacks else None
     ran = len(history.history["loss"])
     best = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights else ran
-    return model, history.history, best
+    return classifier, history.history, best
+
+
+#: Test-time variants (dx, dy, zoom) averaged by recipes with ``tta``: no flips.
+TTA_VARIANTS = (
+    (0.0, 0.0, 1.0),
+    (0.03, 0.0, 1.0),
+    (-0.03, 0.0, 1.0),
+    (0.0, 0.03, 1.0),
+    (0.0, 0.0, 0.94),
+)
+
+
+def _variant(x: np.ndarray, dx: float, dy: float, zoom: float) -> np.ndarray:
+    """Films shifted by (dx, dy) of their size and scaled by ``zoom`` about the centre."""
+    import cv2
+
+    if (dx, dy, zoom) == (0.0, 0.0, 1.0):
+        return x
+    h, w = x.shape[1:3]
+    m = np.array(
+        [[zoom, 0, (1 - zoom) * w / 2 + dx * w], [0, zoom, (1 - zoom) * h / 2 + dy * h]],
+        np.float64,
+    )
+    return np.stack([cv2.warpAffine(img, m, (w, h), borderMode=cv2.BORDER_CONSTANT) for img in x])
+
+
+def predict_raw(models: list[Any], x: np.ndarray, tta: bool = False, batch: int = 64) -> np.ndarray:
+    """The networks' mean sigmoid output (over the TTA variants too, where asked)."""
+    if not len(x):
+        return np.zeros(0, np.float32)
+    variants = TTA_VARIANTS if tta else TTA_VARIANTS[:1]
+    outs = []
+    for model in models:
+        for v in variants:
+            xv = _variant(x, *v)
+            outs.append(
+                np.concatenate(
+                    [
+                        np.asarray(model(xv[i : i + batch], training=False)).reshape(-1)
+                        for i in range(0, len(xv), batch)
+                    ]
+                )
+            )
+    return np.mean(outs, axis=0).astype(np.float32)
 
 
 def _calibrate(stop_set: LoadedSet, raw: np.ndarray) -> tuple[dict[str, Any] | None, float]:
@@ -341,6 +455,36 @@ def _calibrate(stop_set: LoadedSet, raw: np.ndarray) -> tuple[dict[str, Any] | N
         log.warning("early-stopping split lacks the films to calibrate; threshold stays 0.5")
         return None, 0.5
     return calibrate_and_choose(y, raw, adult, TARGET_SENSITIVITY, "early-stopping split")
+
+
+def _calibrate_on_cv(
+    opts: TrainOptions, recipe: Recipe, records: list[Record]
+) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Platt scaling and the threshold from ``cxr cv``'s out-of-fold predictions of the films
+    this recipe trains on (as scikit-learn's ``CalibratedClassifierCV(ensemble=False)`` fits its
+    calibrator on ``cross_val_predict``): every film's raw score comes from a network that did
+    not see its patient, so the calibration is not fitted on the network's own training films.
+    Returns (calibration, threshold, the cross-validation summary for the metadata)."""
+    import json
+
+    from ml.cv import read_oof
+
+    assert opts.cv_dir is not None
+    oof = read_oof(opts.cv_dir / f"{opts.recipe}.oof.csv")
+    report = json.loads((opts.cv_dir / f"{opts.recipe}.json").read_text())
+    if report.get("fingerprint") != fingerprint(opts.data, records):
+        raise ValueError(f"{opts.cv_dir} cross-validated other training data than {opts.data}")
+    used = [r for r in records if r.file in oof]
+    if recipe.sources is not None:
+        used = [r for r in used if r.source in recipe.sources]
+    y = np.array([r.label for r in used], int)
+    raw = np.array([oof[r.file][1] for r in used], np.float64)
+    adult = np.array([r.source in SAME_SOURCE_ADULT for r in used], bool)
+    fitted_on = f"out-of-fold predictions of {len(used)} training films ({report['folds']}-fold cv)"
+    calibration, threshold = calibrate_and_choose(y, raw, adult, TARGET_SENSITIVITY, fitted_on)
+    summary = {k: report.get(k) for k in ("folds", "out_of_fold", "spread", "per_fold")}
+    summary["recipe"] = opts.recipe
+    return calibration, threshold, summary
 
 
 def _segmenter_entry(opts: TrainOptions, segmenter: LungSegmenter | None) -> dict[str, Any] | None:
@@ -355,7 +499,20 @@ def _segmenter_entry(opts: TrainOptions, segmenter: LungSegmenter | None) -> dic
             raise FileExistsError(f"{dst} is another segmenter; write the model elsewhere")
         shutil.copyfile(src, dst)
         shutil.copyfile(src.with_suffix(".json"), dst.with_suffix(".json"))
-    return {"file": src.name, "sha256": segmenter.sha256, "version": segmenter.version}
+        scope_src, scope_dst = scope_net_path(src), scope_net_path(dst)
+        if segmenter.scope_metadata is not None and scope_src.resolve() != scope_dst.resolve():
+            # the scope net decides beside the segmenter: a model folder without it would
+            # decide by the lung rule alone
+            shutil.copyfile(scope_src, scope_dst)
+            shutil.copyfile(scope_src.with_suffix(".json"), scope_dst.with_suffix(".json"))
+    entry = {"file": src.name, "sha256": segmenter.sha256, "version": segmenter.version}
+    if segmenter.scope_metadata is not None:
+        entry["scope_net"] = {
+            "file": scope_net_path(src).name,
+            "sha256": segmenter.scope_metadata["sha256"],
+            "version": segmenter.scope_metadata.get("version"),
+        }
+    return entry
 
 
 def _split_metadata(opts: TrainOptions, splits: Splits, sets: list[LoadedSet]) -> dict[str, Any]:
@@ -394,6 +551,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if opts.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {opts.recipe!r}; choose from {sorted(RECIPES)}")
     recipe = RECIPES[opts.recipe]
+    if recipe.seeds > 1 or recipe.tta:
+        raise ValueError(f"{opts.recipe} is an ensemble: `cxr cv` measures it; a service runs one")
     keras.utils.set_random_seed(opts.seed)
     tf.config.experimental.enable_op_determinism()
     splits = split(opts, recipe.sources)
@@ -405,13 +564,17 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     def raw(part: LoadedSet) -> np.ndarray:
         return np.asarray(model(part.x, training=False)).reshape(-1) if len(part.x) else np.zeros(0)
 
-    calibration, threshold = _calibrate(stop_set, raw(stop_set))
+    cross_validation = None
+    if opts.cv_dir is not None:
+        calibration, threshold, cross_validation = _calibrate_on_cv(opts, recipe, splits.records)
+    else:
+        calibration, threshold = _calibrate(stop_set, raw(stop_set))
     probs = calibrate(raw(val_set), calibration)
     today = dt.datetime.now(dt.UTC)
     metadata = {
         "version": f"cxr-cnn-{opts.recipe}-{today:%Y%m%d}-{sha[:8]}",
         "sha256": sha,
-        "architecture": "paper-cnn-5631169",
+        "architecture": recipe.architecture,
         "recipe": opts.recipe,
         "preprocess": recipe.preprocess.to_dict(),
         "segmenter": _segmenter_entry(opts, segmenter),
@@ -440,6 +603,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         if len(val_set.records)
         else {},
     }
+    if cross_validation is not None:
+        metadata["cross_validation"] = cross_validation
     write_metadata(opts.out, metadata)
     return metadata
 

@@ -18,20 +18,31 @@ Decoding (:func:`decode`) follows PS3.3's grayscale pipeline, as a viewer shows 
    99.5th percentile (12- and 16-bit detectors rarely fill their range);
 4. MONOCHROME1 inverted after windowing; RGB, YBR and PALETTE COLOR converted to gray (ITU-R
    BT.601 weights, as OpenCV's ``RGB2GRAY``).  PixelSpacing is ignored.
+
+The patient's age (:func:`age_years`, from PatientAge, else PatientBirthDate and the study's
+date) is the one value read from the header that is about the patient rather than the film: the
+model is validated on adults only, so :func:`header_scope` skips a film of a patient under
+:data:`ADULT_AGE_YEARS`.  Only the derived number of years is kept (in :class:`DicomHeader`, out
+of its repr); the raw age and dates are never kept, logged or quoted in a message, and a value
+that cannot be read gives no age, never a refusal.  De-identification drops them
+(:data:`KEPT_KEYWORDS`), so the age can only be known from the ORIGINAL header, which is why
+:mod:`shared.ingest` takes that decision at the door.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
 import functools
 import io
 import logging
+import re
 import struct
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 import numpy as np
@@ -59,6 +70,7 @@ from shared.imaging import (
     NotChestRadiographError,
     NotFrontalError,
     OutOfScopeError,
+    PediatricNotSupportedError,
     TruncatedImageError,
     UnsupportedTransferSyntaxError,
 )
@@ -86,6 +98,19 @@ NOT_FRONTAL_VIEWS = frozenset(
 )
 #: BodyPartExamined words that mean the chest (matched word by word, ignoring case).
 CHEST_WORDS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
+#: The age, in years, from which a patient is an adult: the model is trained and validated on
+#: adults only (MODEL_CARD.md), so a film of a younger patient is not scored.
+ADULT_AGE_YEARS = 18
+#: An age beyond this (or below 0) is no patient's: a malformed value, which gives no age.
+MAX_PLAUSIBLE_AGE_YEARS = 150
+#: PatientAge is an AS value (PS3.5 6.2): three digits and D(ays), W(eeks), M(onths) or Y(ears);
+#: fewer digits ("6Y") are read too: unambiguous, and a child's age must not be missed for them.
+AGE_STRING = re.compile(r"(\d{1,3})([DWMY])")
+AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+#: Where the date the film was taken is read from, first present first (DA values).
+STUDY_DATE_KEYWORDS = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+#: A DA value (PS3.5 6.2): YYYYMMDD.
+DATE_STRING = re.compile(r"(\d{4})(\d{2})(\d{2})")
 #: SOP classes that never hold a film, by UID prefix: SR and key objects, waveforms,
 #: presentation states, encapsulated documents, RT plans/structures/records, raw data,
 #: spectroscopy.  A file without Pixel Data is refused whatever its class says.
@@ -162,7 +187,10 @@ def quiet(fn: Callable[P, R]) -> Callable[P, R]:
 class DicomHeader:
     """What the header says, before any pixel is read.  ``transfer_syntax`` is the file meta's
     UID; ``frames`` is 1 where NumberOfFrames is absent; ``rows``/``columns`` 0 where absent.
-    ``has_pixel_data`` is False only where the file is known to hold no Pixel Data element."""
+    ``has_pixel_data`` is False only where the file is known to hold no Pixel Data element.
+    ``age_years`` is derived (:func:`age_years`), None where the header does not tell it; the
+    raw age and dates are not kept, and the age stays out of the repr (so out of any log line
+    or traceback that prints a header)."""
 
     study_uid: str | None
     series_uid: str | None
@@ -177,6 +205,7 @@ class DicomHeader:
     transfer_syntax: str
     photometric: str | None
     has_pixel_data: bool = True
+    age_years: float | None = field(default=None, repr=False)
 
 
 def is_dicom(data: bytes) -> bool:
@@ -281,6 +310,64 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
+def _age_string_years(value: str) -> float | None:
+    match = AGE_STRING.fullmatch(value.upper())
+    if match is None:
+        return None
+    return int(match.group(1)) * AGE_UNIT_YEARS[match.group(2)]
+
+
+def _date(value: str | None) -> dt.date | None:
+    match = DATE_STRING.fullmatch(value or "")
+    if match is None:
+        return None
+    try:
+        return dt.date(*(int(part) for part in match.groups()))
+    except ValueError:  # 20230230, month 13, ...
+        return None
+
+
+def _anniversary(birth: dt.date, year: int) -> dt.date:
+    """The birthday in ``year`` (28 February for one born on 29 February, in a common year)."""
+    try:
+        return birth.replace(year=year)
+    except ValueError:
+        return birth.replace(year=year, day=28)
+
+
+def _years_between(birth: dt.date, on: dt.date) -> float:
+    """Calendar years from ``birth`` to ``on``, with the fraction of the year since the last
+    birthday: a film taken on the 18th birthday is 18.0, an adult's, not 17.99."""
+    years = on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+    last, following = (
+        _anniversary(birth, birth.year + years),
+        _anniversary(birth, birth.year + years + 1),
+    )
+    return years + (on - last).days / (following - last).days
+
+
+def age_years(ds: Dataset) -> float | None:
+    """The patient's age when the film was taken, in years: PatientAge, else (absent or
+    unreadable) PatientBirthDate against the first present of :data:`STUDY_DATE_KEYWORDS`.
+    None where neither tells it, or what they say is malformed or implausible (a film before
+    the birth, an age over :data:`MAX_PLAUSIBLE_AGE_YEARS`): an unreadable age refuses nothing.
+    The raw values never leave this function, so nothing else can keep or log them."""
+    try:
+        years = _age_string_years(_text(ds, "PatientAge") or "")
+        if years is None:
+            birth = _date(_text(ds, "PatientBirthDate"))
+            taken = next(
+                (text for k in STUDY_DATE_KEYWORDS if (text := _text(ds, k)) is not None), None
+            )
+            on = _date(taken)
+            years = _years_between(birth, on) if birth and on and on >= birth else None
+    except PARSE_ERRORS:  # a value pydicom cannot convert: no age, and no error either
+        return None
+    if years is None or not 0 <= years <= MAX_PLAUSIBLE_AGE_YEARS:
+        return None
+    return years
+
+
 def _header_of(ds: Dataset, syntax: str, has_pixels: bool) -> DicomHeader:
     return DicomHeader(
         study_uid=_text(ds, "StudyInstanceUID"),
@@ -296,6 +383,7 @@ def _header_of(ds: Dataset, syntax: str, has_pixels: bool) -> DicomHeader:
         transfer_syntax=syntax,
         photometric=_text(ds, "PhotometricInterpretation"),
         has_pixel_data=has_pixels,
+        age_years=age_years(ds),
     )
 
 
@@ -368,8 +456,10 @@ def _words(value: str) -> set[str]:
 
 
 def header_scope(header: DicomHeader) -> OutOfScopeError | None:
-    """What the header says against "frontal chest radiograph", or None where it says nothing
-    against it (absent values: the image-based scope check decides)."""
+    """What the header says against "frontal chest radiograph of an adult", or None where it
+    says nothing against it (absent values: the image-based scope check decides).  What the
+    film is (modality, view, body part) is asked before whose it is (the age), so a child's CT
+    is ``not_chest_radiograph`` here as at the door."""
     if header.modality and header.modality.upper() not in RADIOGRAPH_MODALITIES:
         return NotChestRadiographError(
             f"not a chest radiograph: the DICOM modality is {header.modality}"
@@ -379,6 +469,9 @@ def header_scope(header: DicomHeader) -> OutOfScopeError | None:
         return NotFrontalError(f"not a frontal view: the DICOM view position is {view}")
     if header.body_part and not _words(header.body_part) & CHEST_WORDS:
         return NotChestError(f"not a chest film: the DICOM body part is {header.body_part}")
+    if header.age_years is not None and header.age_years < ADULT_AGE_YEARS:
+        # no age and no date in the message: it is stored, shown and sent to callbacks
+        return PediatricNotSupportedError("a pediatric film: the model is validated on adults only")
     return None
 
 
@@ -506,7 +599,9 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 # --------------------------------------------------------------------------- de-identification
 
-#: What a de-identified file keeps: what decoding and the scope check read, nothing else.
+#: What a de-identified file keeps: what decoding and the scope check read, nothing else.  The
+#: patient's age and dates are not kept although the scope check reads them: the age is decided
+#: from the original header at the door (shared/ingest.py), and must not be stored.
 KEPT_KEYWORDS = (
     "SOPClassUID",
     "Modality",

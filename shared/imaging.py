@@ -7,10 +7,13 @@ grayscale by :func:`shared.dicom.decode` (modality LUT, window, MONOCHROME1 inve
 follows the same path as a PNG.  A :class:`PreprocessConfig` (stored in the model's
 metadata) adds the optional steps: a border crop, the lung-field crop and CLAHE.
 
-With ``lung_crop`` the lung segmenter (:mod:`shared.lungs`) runs on the decoded film first: a
-film in which it finds two lung fields is cropped to them with a margin; any other image is
-refused with :class:`OutOfScopeError` (it is not a frontal chest radiograph, so it is never
-scored, and never cropped at random).  The workers record it as ``skipped``, not ``failed``.
+With ``lung_crop`` the lung segmenter and the scope net beside it (:mod:`shared.lungs`) run on
+the decoded film first, and :func:`shared.lungs.decide` says what it is: a frontal film is
+cropped to its lung fields with a margin (two fields found: their box; one: it and its mirror
+image; none: a fixed default box, never a random one); a child's film is refused with
+:class:`PediatricNotSupportedError`; any other image with :class:`OutOfScopeError` (it is not a
+frontal chest radiograph, so it is never scored).  The workers record both as ``skipped``, not
+``failed``.
 
 The pixel count is read from the file header *before* the full decode, so a small file that
 declares a huge image (a decompression bomb) is refused without allocating it.  Every refusal is
@@ -44,8 +47,9 @@ UnsupportedTransferSyntaxError  ``unsupported_transfer_syntax``  DICOM pixels in
 StudyMismatchError              ``study_uid_mismatch``           a STOW-RS
                                                                  instance of another study than the
                                                                  request's path names
-OutOfScopeError                 ``not_frontal_chest_xray``       no two lung fields found (lateral,
-                                                                 CT, photo, ...)
+OutOfScopeError                 ``not_frontal_chest_xray``       not a frontal chest film by the
+                                                                 lung rule and the scope net
+                                                                 (lateral, CT, photo, ...)
 NotChestRadiographError         ``not_chest_radiograph``         DICOM Modality present and not CR
                                                                  or DX (CT, MR, US, ...)
 NotFrontalError                 ``not_frontal``                  DICOM ViewPosition lateral,
@@ -60,7 +64,8 @@ PediatricNotSupportedError      ``pediatric_not_supported``      a child's film:
 The last five are *out of scope* (status ``skipped``, never scored): :class:`OutOfScopeError` and
 its subclasses, whose codes are :data:`OUT_OF_SCOPE_CODES`; every other code is a failure.  A
 DICOM file's header is read first (:mod:`shared.dicom`): what it says about modality, view and
-body part decides before any pixel is decoded; where it says nothing, the lung segmenter decides.
+body part, then the patient's age, decides before any pixel is decoded; where it says nothing, the
+lung segmenter decides.
 """
 
 from __future__ import annotations
@@ -180,6 +185,7 @@ class PreprocessConfig:
     clahe: bool = False  # contrast-limited adaptive histogram equalisation after resizing
     lung_crop: bool = False  # crop to the segmenter's lung fields; refuse films without them
     lung_margin: float = CROP_MARGIN  # added around the lung box, as a fraction of its size
+    zscore: bool = False  # standardise each input over its own (lung-crop) pixels, after CLAHE
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -192,6 +198,7 @@ class PreprocessConfig:
             clahe=bool(data.get("clahe", False)),
             lung_crop=bool(data.get("lung_crop", False)),
             lung_margin=float(data.get("lung_margin", CROP_MARGIN)),  # type: ignore[arg-type]
+            zscore=bool(data.get("zscore", False)),
         )
 
 
@@ -285,8 +292,9 @@ def _check_dicom_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
 
 
 def dicom_scope(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Raise what a DICOM file's header says about scope (modality, view, body part), after the
-    header's own checks and before any pixel is decoded; nothing for other formats."""
+    """Raise what a DICOM file's header says about scope (modality, view, body part, then the
+    patient's age), after the header's own checks and before any pixel is decoded; nothing for
+    other formats."""
     if sniff_format(data) != "dicom":
         return
     from shared.dicom import header_scope
@@ -333,6 +341,11 @@ def to_model_input(gray: np.ndarray, config: PreprocessConfig = PAPER) -> np.nda
         as8 = np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8)
         clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
         small = clahe.apply(as8).astype(np.float32) / 255.0
+    if config.zscore:
+        # mean 0.5, +-3 standard deviations onto [0, 1]: a scanner's brightness and contrast
+        # (and so its hospital) no longer set the input's range
+        std = float(small.std())
+        small = (small - float(small.mean())) / (6.0 * std) + 0.5 if std > 1e-6 else small * 0 + 0.5
     small = np.clip(small, 0.0, 1.0).astype(np.float32, copy=False)
     return np.repeat(small[:, :, None], 3, axis=2)
 
@@ -349,7 +362,13 @@ def lung_step(
 
 
 def lung_crop(gray: np.ndarray, finding: LungFinding) -> np.ndarray:
-    """Crop to what the segmenter found, or refuse the film as out of scope."""
+    """Crop to what the segmenter found, or refuse the film as out of scope (as pediatric where
+    the scope net recognised a child's film)."""
+    if finding.box is None and finding.reason == "pediatric":
+        raise PediatricNotSupportedError(
+            "a child's film, recognised by the image check (child score "
+            f"{finding.child_score:.2f}): the model is validated on adults only"
+        )
     if finding.box is None:
         raise OutOfScopeError(
             f"not a frontal chest radiograph: {finding.reason.replace('_', ' ')} "

@@ -123,6 +123,13 @@ def _verify_segmenter(path: Path, entry: dict[str, Any]) -> None:
             f"{path} is not the segmenter this model was trained with "
             f"(sha256 {str(meta.get('sha256'))[:12]}, expected {str(entry.get('sha256'))[:12]})"
         )
+    scope = entry.get("scope_net")
+    if scope:  # the scope decisions the model was trained and calibrated with
+        scope_path = path.parent / scope["file"]
+        if not scope_path.is_file() or sha256_file(scope_path) != scope.get("sha256"):
+            raise ModelFileError(
+                f"{scope_path} is missing or not the scope net this model was trained with"
+            )
 
 
 def save_weights(model: Any, path: Path) -> str:
@@ -153,7 +160,7 @@ class Classifier:
     def __init__(self, info: ModelInfo, threads: int = 0) -> None:
         import tensorflow as tf
 
-        from shared.model_def import INPUT_SHAPE, build_model
+        from shared.model_def import INPUT_SHAPE, build
 
         if threads > 0:
             try:
@@ -162,7 +169,7 @@ class Classifier:
             except RuntimeError:  # already initialised in this process
                 pass
         self.info = info
-        self.model = build_model()
+        self.model = build(info.metadata.get("architecture"))
         with np.load(info.path) as npz:
             weights = [npz[k].astype(np.float32) for k in sorted(npz.files)]
         self.model.set_weights(weights)

@@ -238,7 +238,8 @@ class Image(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    # NULL for images refused at submission (bad header): they never reach a worker
+    # NULL for images refused at submission (a bad header: failed; a child's film: skipped):
+    # they never reach a worker
     chunk_id: Mapped[str | None] = mapped_column(
         ForeignKey("chunks.id", ondelete="CASCADE"), index=True
     )

@@ -1,9 +1,9 @@
 """How a job's rows are laid out: which images go into which chunk, and the order they are written.
 
 Invariant: every image not yet terminal belongs to exactly one chunk of at most ``chunk_size``
-images, in submission order; an image refused at the door (already ``failed``) belongs to none;
-no chunk is empty.  The API and the test factories both plan jobs here, so chunk assignment
-lives in one place.
+images, in submission order; an image refused at the door (already ``failed``, or ``skipped``
+as a child's film: shared/ingest.py) belongs to none; no chunk is empty.  The API and the test
+factories both plan jobs here, so chunk assignment lives in one place.
 """
 
 from __future__ import annotations
