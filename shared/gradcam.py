@@ -116,9 +116,33 @@ def _grad_model(model: Any) -> tuple[Any, bool]:
     pre_activation = isinstance(last, keras.layers.Dense)
     head = last.input if pre_activation else model.outputs[0]
     (inputs,) = model.inputs  # one image in: what grad_cam feeds it
-    built = (keras.Model(inputs, [conv.output, head]), pre_activation)
+    lead = _leading_resize(model)
+    if lead is None:
+        built = (keras.Model(inputs, [conv.output, head]), pre_activation)
+    else:
+        # TensorFlow has no gradient for ResizeArea, and a watched input makes the tape ask
+        # for it: the resize runs before the tape (:func:`grad_cam`), the rest is rebuilt on
+        # its output with the same layers (the same weights)
+        x = start = keras.Input(tuple(lead.output.shape[1:]))
+        conv_out = None
+        for layer in model.layers[1:]:
+            if layer is last and pre_activation:
+                break
+            x = layer(x)
+            if layer is conv:
+                conv_out = x
+        built = (keras.Model(start, [conv_out, x]), pre_activation)
     _GRAD_MODELS[model] = built
     return built
+
+
+def _leading_resize(model: Any) -> Any:
+    """The model's first layer where it is a (weightless) Resizing of a Sequential model."""
+    import keras
+
+    if isinstance(model, keras.Sequential) and isinstance(model.layers[0], keras.layers.Resizing):
+        return model.layers[0]
+    return None
 
 
 def grad_cam(model: Any, image: np.ndarray, class_index: int = 0) -> Cam:
@@ -127,6 +151,10 @@ def grad_cam(model: Any, image: np.ndarray, class_index: int = 0) -> Cam:
 
     grad_model, pre_activation = _grad_model(model)
     x = tf.convert_to_tensor(np.asarray(image, np.float32)[None])
+    input_size = (int(x.shape[1]), int(x.shape[2]))
+    lead = _leading_resize(model)
+    if lead is not None:
+        x = lead(x)
     with tf.GradientTape() as tape:
         tape.watch(x)  # records every op, also for a model whose weights are frozen
         acts, head = grad_model(x, training=False)
@@ -139,7 +167,6 @@ def grad_cam(model: Any, image: np.ndarray, class_index: int = 0) -> Cam:
     cam = tf.nn.relu(tf.reduce_sum(acts * weights, axis=-1))[0].numpy().astype(np.float32)
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else np.zeros_like(cam)
-    input_size = (int(x.shape[1]), int(x.shape[2]))
     origin, step = _grid_geometry(model, last_conv_layer(model), cam.shape, input_size)
     return Cam(cam, origin, step, input_size)
 
@@ -149,6 +176,10 @@ def _layer_map(layer: Any, size: tuple[int, int]) -> tuple[list[float], list[flo
     of the layer's input; None when the layer's geometry is not known."""
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return None
+    if type(layer).__name__ == "Resizing":  # output n centred at (n + 0.5) * in / out - 0.5
+        out = tuple(layer.output.shape[1:3])
+        ratio = [i / o for i, o in zip(size, out, strict=True)]
+        return [(r - 1) / 2 for r in ratio], ratio
     if hasattr(layer, "pool_size"):
         kernel, dilation = layer.pool_size, (1, 1)
     elif hasattr(layer, "kernel_size"):

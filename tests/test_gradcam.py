@@ -170,3 +170,14 @@ def test_the_border_crop_is_the_one_to_model_input_takes() -> None:
     np.testing.assert_array_equal(
         to_model_input(tiny, PreprocessConfig(crop_fraction=0.3)), to_model_input(tiny, PAPER)
     )
+
+
+def test_grad_cam_runs_on_the_small_network_and_maps_its_grid_exactly() -> None:
+    """The small network resizes inside the model (ResizeArea has no gradient in TensorFlow):
+    Grad-CAM runs the resize before its tape, and its grid geometry includes the resize."""
+    from shared.model_def import build_small
+
+    cam = grad_cam(build_small(seed=1), np.random.default_rng(0).random((224, 224, 3), np.float32))
+    assert cam.values.shape == (16, 16)  # 128 px after four 2x2 pools, before the last
+    assert cam.step == (14.0, 14.0)  # 224 / 16: the grid spans the input exactly
+    assert cam.origin == pytest.approx((6.5, 6.5))
